@@ -1,0 +1,117 @@
+"""The durable atomic replace: temp file beside the target, fsync, rename, fsync folder.
+
+This is the only code that makes a state version durable. Each step is named, so an
+error says which step failed; cleanup never hides the original error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _fs
+from .errors import StateDurabilityError, StateWriteError
+
+__all__ = ["Committed", "atomic_replace", "temp_path_for"]
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What was committed: enough to recognise the file later without hashing it."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+def temp_path_for(target: Path) -> Path:
+    """The one temp name for ``target``: in its folder, since rename is atomic only
+    within one file system. One name suffices because writers hold the lock, and it
+    means a crash leaves at most one orphan, which the next commit reuses."""
+    return target.with_name(f".{target.name}.tmp")
+
+
+def _fail(step: str, target: Path, exc: OSError) -> StateWriteError:
+    return StateWriteError(
+        f"could not commit {target}: {step} failed ({exc.strerror or exc}); the state file "
+        "is unchanged. Fix the cause (disk space, permissions, a read-only file system) "
+        "and run the transaction again.",
+        path=target,
+        step=step,
+        errno=exc.errno,
+    )
+
+
+def atomic_replace(target: Path, data: bytes, mode: int | None) -> Committed:
+    """Make ``data`` the content of ``target``, durably and atomically.
+
+    Args:
+        target: The state file (already resolved: a symlink's target).
+        data: The complete new content.
+        mode: The permission bits to give the file, or None for ``0o666 & ~umask``.
+
+    Raises:
+        StateWriteError: a step before the rename failed; ``target`` is untouched and
+            no temp file is left.
+        StateDurabilityError: the folder fsync after the rename failed; the new content
+            is in place but may not survive a power loss.
+    """
+    tmp = str(temp_path_for(target))
+    step = "create temp file"
+    fd: int | None = None
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd = _fs.open_file(tmp, flags, 0o666)
+        except FileExistsError:
+            # An orphan of a crashed writer (we hold the lock, so nobody else's).
+            step = "remove orphan temp file"
+            _fs.unlink(tmp)
+            step = "create temp file"
+            fd = _fs.open_file(tmp, flags, 0o666)
+        if mode is not None:
+            step = "set temp file mode"
+            _fs.fchmod(fd, mode, tmp)
+        step = "write temp file"
+        _fs.write_all(fd, data, tmp)
+        step = "fsync temp file"
+        _fs.fsync(fd, tmp)
+        st = os.fstat(fd)
+        step = "close temp file"
+        closing, fd = fd, None
+        _fs.close(closing, tmp)
+        step = "replace state file"
+        _fs.replace(tmp, str(target))
+    except OSError as exc:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _remove_quietly(tmp)
+        raise _fail(step, target, exc) from exc
+    except BaseException:
+        # KeyboardInterrupt and friends: same cleanup, original error untouched.
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _remove_quietly(tmp)
+        raise
+    try:
+        _fs.fsync_dir(str(target.parent))
+    except OSError as exc:
+        raise StateDurabilityError(
+            f"{target} was replaced with the new state, but fsync of its folder failed "
+            f"({exc.strerror or exc}): the commit is visible but may not survive a power loss. "
+            "Check the disk (dmesg); do not assume the change is durable.",
+            path=target,
+            step="fsync state folder",
+            errno=exc.errno,
+        ) from exc
+    return Committed(ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _remove_quietly(path: str) -> None:
+    # Gone already, or left for the next commit, which reuses the name.
+    with contextlib.suppress(OSError):
+        _fs.unlink(path)

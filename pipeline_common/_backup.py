@@ -1,0 +1,239 @@
+"""Rotating backups of every replaced state version.
+
+A backup is a hard link to the replaced version's inode, made before the state is
+replaced: no data is copied (8 microseconds at any size, against 28 ms to copy 10 MB),
+and since a commit never writes into the state file in place, that inode is never
+changed again. Names carry a timestamp that only moves forward, so name order is
+creation order even when the clock steps back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from . import _fs, _json
+from .errors import StateBackupError, StateWriteError
+
+__all__ = ["BackupManager"]
+
+_STAMP = "%Y%m%d_%H%M%S_%f"
+
+
+class BackupManager:
+    """Creates, lists, prunes and checks the backups of one state file.
+
+    Reach it as ``state.backup_manager``. ``create_backup()`` takes the state's lock;
+    the other methods only read.
+    """
+
+    def __init__(
+        self,
+        state_path: Path,
+        backups_dir: Path,
+        max_backups: int,
+        locked: Callable[[str], AbstractContextManager[object]],
+    ) -> None:
+        self.state_path = state_path
+        self.backups_dir = backups_dir
+        self.max_backups = max_backups
+        self._locked = locked
+        stem = re.escape(state_path.stem)
+        self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.bak$")
+        self._corrupt_pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.corrupt$")
+
+    def create_backup(self) -> Path:
+        """Back up the current state now, under the lock, and return the backup's path.
+
+        Raises:
+            StateBackupError: there is no state file to back up.
+            StateLockError: the lock was not obtained in time.
+        """
+        with self._locked("create_backup") as txn:
+            backup = self.link_current()
+            if backup is None:
+                raise StateBackupError(
+                    f"{self.state_path} does not exist yet, so there is nothing to back up",
+                    path=self.state_path,
+                )
+            txn_details = getattr(txn, "details", None)
+            if isinstance(txn_details, dict):
+                txn_details["backup"] = backup.name
+            self.prune()
+            return backup
+
+    def names(self) -> list[str]:
+        """Backup file names, oldest first (name order is creation order)."""
+        try:
+            entries = os.listdir(self.backups_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in entries if self._pattern.match(n))
+
+    def list_paths(self, limit: int | None = 10) -> list[Path]:
+        """Backups, newest first; at most ``limit`` (None for all)."""
+        names = self.names()[::-1]
+        if limit is not None:
+            names = names[: max(limit, 0)]
+        return [self.backups_dir / n for n in names]
+
+    def newest_good(self) -> Path | None:
+        """The newest backup that parses as a JSON object: the one to restore."""
+        for path in self.list_paths(None):
+            try:
+                _json.decode(path.read_bytes())
+            except (OSError, _json.DecodeError):
+                continue
+            return path
+        return None
+
+    def _next_name(self, existing: list[str], suffix: str) -> str:
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        newest = existing[-1] if existing else None
+        if newest is not None:
+            m = self._pattern.match(newest)
+            if m:
+                last = datetime.strptime(m.group(1), _STAMP)
+                if now <= last:  # the clock stepped back or did not move: stay ordered
+                    now = last + timedelta(microseconds=1)
+        return f"{self.state_path.stem}_{now.strftime(_STAMP)}{suffix}"
+
+    def link_current(self, *, corrupt: bool = False) -> Path | None:
+        """Hard-link the current state file into the backups folder and fsync the folder.
+
+        Called under the lock, before the state is replaced. Returns None when there is
+        no state file. ``corrupt=True`` keeps an unparseable state aside under a
+        ``.json.corrupt`` name, outside the rotation, so a full replacement of a broken
+        file loses nothing.
+
+        Raises:
+            StateWriteError: the link or the folder fsync failed; nothing was replaced.
+        """
+        if not os.path.lexists(self.state_path):
+            return None
+        existing = self.names()
+        suffix = ".json.corrupt" if corrupt else ".json.bak"
+        for _ in range(1000):
+            name = self._next_name(existing, suffix)
+            target = self.backups_dir / name
+            try:
+                _fs.link(str(self.state_path), str(target))
+                break
+            except FileExistsError:
+                existing = [*existing, name.replace(suffix, ".json.bak")]
+            except OSError as exc:
+                raise StateWriteError(
+                    f"could not back up {self.state_path} into {self.backups_dir}: "
+                    f"link failed ({exc.strerror or exc}); the state file is unchanged. "
+                    "Backups need a file system with hard links; fix the cause or pass "
+                    "backup_before_write=False.",
+                    path=self.state_path,
+                    step="link backup",
+                    errno=exc.errno,
+                ) from exc
+        else:  # pragma: no cover - 1000 name collisions in a row
+            raise StateWriteError(
+                f"could not find a free backup name in {self.backups_dir}",
+                path=self.state_path,
+                step="link backup",
+            )
+        try:
+            _fs.fsync_dir(str(self.backups_dir))
+        except OSError as exc:
+            raise StateWriteError(
+                f"could not make the backup {target} durable: fsync of {self.backups_dir} "
+                f"failed ({exc.strerror or exc}); the state file is unchanged.",
+                path=self.state_path,
+                step="fsync backups folder",
+                errno=exc.errno,
+            ) from exc
+        return target
+
+    def prune(self) -> list[str]:
+        """Delete the oldest backups beyond ``max_backups``; return the names removed.
+
+        Runs after the commit, so a crash here only leaves one backup too many.
+        """
+        names = self.names()
+        excess = names[: max(len(names) - self.max_backups, 0)]
+        for name in excess:
+            _fs.unlink(str(self.backups_dir / name))
+        if excess:
+            _fs.fsync_dir(str(self.backups_dir))
+        return excess
+
+    def check(self, backup_path: str | os.PathLike[str]) -> Path:
+        """Return ``backup_path`` as a path inside the backups folder, or raise.
+
+        Accepts a full path or a bare name. Refuses anything that is not a regular,
+        non-symlinked backup of this state by name.
+
+        Raises:
+            StateBackupError: outside the folder, ``..``, a symlink, a directory, a FIFO,
+                or a name that is not one of this state's backups.
+        """
+        given = Path(os.fspath(backup_path))
+        candidate = (
+            given if given.is_absolute() or len(given.parts) > 1 else self.backups_dir / given
+        )
+        problem = None
+        if ".." in given.parts:
+            problem = "contains '..'"
+        elif os.path.realpath(candidate.parent) != os.path.realpath(self.backups_dir):
+            problem = f"is not in this state's backups folder {self.backups_dir}"
+        elif not self._pattern.match(candidate.name):
+            problem = f"is not named like a backup of {self.state_path.name}"
+        else:
+            try:
+                st = os.lstat(candidate)
+            except FileNotFoundError:
+                problem = "does not exist"
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    problem = "is a symlink"
+                elif not stat.S_ISREG(st.st_mode):
+                    problem = "is not a regular file"
+        if problem is not None:
+            raise StateBackupError(
+                f"cannot restore {given}: it {problem}. Choose one of "
+                f"state.list_backups(); nothing was changed.",
+                path=given,
+            )
+        return self.backups_dir / candidate.name
+
+    def read_checked(self, backup: Path) -> bytes:
+        """Read a checked backup without following links or blocking on a FIFO; parse it.
+
+        Raises:
+            StateBackupError: unreadable, not a regular file, or not a JSON object.
+        """
+        try:
+            fd = os.open(backup, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StateBackupError(
+                f"cannot open backup {backup}: {exc.strerror}; nothing was changed.", path=backup
+            ) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StateBackupError(
+                    f"cannot restore {backup}: not a regular file; nothing was changed.",
+                    path=backup,
+                )
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read()
+        finally:
+            os.close(fd)
+        try:
+            _json.decode(data)
+        except _json.DecodeError as exc:
+            raise StateBackupError(
+                f"cannot restore {backup}: it is corrupt ({exc}); choose another of "
+                "state.list_backups(); nothing was changed.",
+                path=backup,
+            ) from exc
+        return data

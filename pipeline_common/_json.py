@@ -1,0 +1,171 @@
+"""Strict JSON both ways: what is written is standard JSON, what is read is checked.
+
+orjson does the work (the stdlib encoder drops to pure Python with ``indent``: 7.5 ms
+against 0.14 ms at 100 KB). Where orjson is lenient, this module is not:
+
+- orjson writes NaN and Infinity as ``null``; they are rejected instead.
+- orjson keeps the last of duplicate keys; duplicates are rejected.
+- orjson cannot write integers beyond 64 bits; those fall back to the stdlib encoder,
+  which writes them exactly.
+- datetime and dataclass instances are rejected (orjson would convert them silently).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+import pydantic_core
+
+__all__ = ["DecodeError", "EncodeError", "decode", "encode"]
+
+_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_BOM = b"\xef\xbb\xbf"
+_NONFINITE_HINT = (b"NaN", b"Infinity")
+
+
+class EncodeError(ValueError):
+    """The value is not strict JSON (the reason is the message)."""
+
+
+class DecodeError(ValueError):
+    """The bytes are not a strict JSON object (the reason is the message)."""
+
+
+def _reject_nonfinite(value: Any) -> None:
+    """Raise EncodeError at the first NaN or Infinity inside ``value``."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        kind = type(item)
+        if kind is dict or isinstance(item, dict):
+            stack.extend((f"{where}/{k}", v) for k, v in item.items())
+        elif kind is list or isinstance(item, (list, tuple)):
+            stack.extend((f"{where}/{i}", v) for i, v in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise EncodeError(
+                f"{item!r} at {where or '/'} is not valid JSON (NaN and Infinity are not)"
+            )
+
+
+def encode(value: Any) -> bytes:
+    """Serialize ``value`` to indented, newline-terminated UTF-8 JSON.
+
+    Raises:
+        EncodeError: NaN/Infinity, a non-string key, a cycle, a lone surrogate, or a
+            value of a type JSON does not have (set, bytes, datetime, ...).
+    """
+    try:
+        out = orjson.dumps(value, option=_OPTIONS)
+    except TypeError as exc:
+        text = str(exc)
+        if "64-bit" in text:
+            return _encode_stdlib(value)
+        if "Recursion limit" in text:
+            raise EncodeError("the data is nested too deeply or contains a cycle") from exc
+        raise EncodeError(text) from exc
+    # NaN and Infinity come out of orjson as null, so only output with a null can hide
+    # one; a second, Rust-speed encoding that spells them out tells whether to look.
+    if b"null" in out:
+        try:
+            spelled = pydantic_core.to_json(value, inf_nan_mode="constants")
+        except Exception:  # noqa: BLE001 - any doubt means: look properly
+            spelled = _NONFINITE_HINT[0]
+        if any(hint in spelled for hint in _NONFINITE_HINT):
+            _reject_nonfinite(value)
+    return out + b"\n"
+
+
+def _encode_stdlib(value: Any) -> bytes:
+    # Only for integers beyond 64 bits, which orjson refuses and json writes exactly.
+    try:
+        text = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8") + b"\n"
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
+        raise EncodeError(str(exc)) from exc
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, val in pairs:
+        if key in result:
+            raise DecodeError(f"duplicate key {key!r}")
+        result[key] = val
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise DecodeError(f"{name} is not valid JSON")
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Parse bytes that must hold one strict JSON object.
+
+    A UTF-8 BOM is accepted. Bytes this library wrote (orjson's canonical form) are
+    checked by re-encoding them, which is cheaper than the stdlib's pair hook; any
+    other text goes through the stdlib parser with duplicate keys and NaN rejected.
+
+    Raises:
+        DecodeError: empty, not UTF-8, not JSON, NaN, duplicate keys, too deep, or not
+            an object at the top level.
+    """
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    if not data.strip():
+        raise DecodeError("the file is empty")
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        fast_error: str | None = str(exc)
+    else:
+        fast_error = None
+        if not isinstance(value, dict):
+            raise DecodeError(f"the top level is a JSON {_kind(value)}, not an object")
+        try:
+            canonical = orjson.dumps(value, option=_OPTIONS) + b"\n" == data
+        except TypeError:
+            canonical = False
+        if canonical:
+            return value
+    return _decode_stdlib(data, fast_error)
+
+
+def _decode_stdlib(data: bytes, fast_error: str | None) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_pairs_without_duplicates, parse_constant=_reject_constant
+        )
+    except DecodeError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise DecodeError(
+            f"not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno})"
+        ) from exc
+    except RecursionError as exc:
+        raise DecodeError("nested too deeply to parse") from exc
+    except ValueError as exc:  # e.g. an integer over 4300 digits
+        raise DecodeError(f"not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise DecodeError(f"the top level is a JSON {_kind(value)}, not an object")
+    if fast_error is not None and "surrogate" in fast_error:
+        # The stdlib accepts lone surrogate escapes that orjson rightly refused.
+        raise DecodeError(f"not valid JSON ({fast_error})")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return "number"

@@ -1,0 +1,274 @@
+"""The exclusive cross-process lock on ``<state>.lock``.
+
+One ``ProcessLock`` per lock file per process. Threads of the process queue on a
+``threading.Lock``; processes on ``flock(2)`` of a dedicated lock file that is never
+deleted (deleting it breaks mutual exclusion: filelock #574) and never the state file
+itself (its inode changes at every commit).
+
+Why not ``filelock.FileLock`` on POSIX: it polls every 50 ms under contention, which
+starves waiters (slowest of 4 workers 3.9x the fastest) and costs 0.12-0.23 ms per
+acquire. Here an uncontended acquire is one non-blocking flock; a contended one
+blocks in the kernel on a helper thread, so the wait has no poll latency and still
+honours the timeout. On Windows, filelock does the locking.
+
+The holder writes who it is (pid, host, since, operation) into the lock file while it
+holds the lock, so a waiter that times out can say who blocked it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import _fs
+from .errors import StateLockError, StateSidecarError
+
+__all__ = ["ProcessLock", "get_process_lock", "read_holder"]
+
+_HOST = socket.gethostname()
+
+
+class _Waiter:
+    """Blocks in flock on its own descriptor, on a helper thread, for one acquire."""
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        self.mode = mode
+        self.done = threading.Event()
+        self.fd: int | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.guard = threading.Lock()
+
+    def run(self) -> None:
+        import fcntl
+
+        fd: int | None = None
+        try:
+            fd = _open_lock_file(self.path, self.mode)
+            _fs.flock(fd, fcntl.LOCK_EX, self.path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            if fd is not None:
+                os.close(fd)
+            self.error = exc
+            self.done.set()
+            return
+        with self.guard:
+            if self.cancelled:
+                # The caller gave up while we slept in the kernel: let go at once.
+                os.close(fd)
+                return
+            self.fd = fd
+        self.done.set()
+
+    def cancel(self) -> int | None:
+        """Give up; return the descriptor if the lock arrived in the meantime."""
+        with self.guard:
+            self.cancelled = True
+            return self.fd
+
+
+def _open_lock_file(path: str, mode: int) -> int:
+    try:
+        return _fs.open_file(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, mode)
+    except PermissionError:
+        # Another user's lock file we may only read: flock works on a read-only fd.
+        return _fs.open_file(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StateSidecarError(
+            f"cannot open the lock file {path}: {exc.strerror}; it must be a regular file "
+            "(remove whatever is at that path; a lock file holds no data)",
+            path=path,
+        ) from exc
+
+
+def read_holder(lock_path: str | Path) -> dict[str, Any] | None:
+    """Return what the current holder wrote into the lock file, if anything."""
+    try:
+        with open(lock_path, "rb") as fh:
+            raw = fh.read(4096)
+        holder = json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "the holder left no record (another program, or an older version)"
+    return (
+        f"held by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
+        f"for {holder.get('operation')!r}"
+    )
+
+
+class ProcessLock:
+    """The lock on one lock file, shared by every PipelineState of this process."""
+
+    def __init__(self, path: Path, mode: int = 0o664) -> None:
+        self.path = path
+        self.mode = mode & ~0o002  # never world-writable
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+        self._fd_pid = 0
+        self._held_by: tuple[int, int, str, str] | None = None  # pid, thread id, since, op
+
+    def acquire(self, timeout: float | None, operation: str, state_path: Path) -> None:
+        """Take the lock within ``timeout`` seconds (None waits forever), or raise."""
+        start = time.monotonic()
+        if not self._threads.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            held = self._held_by
+            holder = (
+                {"pid": held[0], "host": _HOST, "since": held[2], "operation": held[3]}
+                if held
+                else None
+            )
+            raise self._timeout_error(timeout, holder, state_path, in_process=True)
+        try:
+            self._acquire_os(timeout, start, operation, state_path)
+        except BaseException:
+            self._threads.release()
+            raise
+        since = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        self._held_by = (os.getpid(), threading.get_ident(), since, operation)
+        self._write_holder(since, operation)
+
+    def _acquire_os(
+        self, timeout: float | None, start: float, operation: str, state_path: Path
+    ) -> None:
+        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+            self._acquire_windows(timeout, state_path)
+            return
+        import fcntl
+
+        path = str(self.path)
+        if self._fd is not None and self._fd_pid != os.getpid():
+            # Inherited across fork: that descriptor shares the parent's lock, so it
+            # must never be unlocked here; drop it (closing does not release it).
+            os.close(self._fd)
+            self._fd = None
+        if self._fd is None:
+            self._fd = _open_lock_file(path, self.mode)
+            self._fd_pid = os.getpid()
+        try:
+            _fs.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
+            return
+        except BlockingIOError:
+            pass
+        remaining = None if timeout is None else timeout - (time.monotonic() - start)
+        if remaining is not None and remaining <= 0:
+            raise self._timeout_error(timeout, read_holder(path), state_path)
+        waiter = _Waiter(path, self.mode)
+        threading.Thread(target=waiter.run, name="pipeline-lock-wait", daemon=True).start()
+        if not waiter.done.wait(remaining):
+            fd = waiter.cancel()
+            if fd is None:
+                raise self._timeout_error(timeout, read_holder(path), state_path)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.fd is not None
+        # Keep the descriptor that holds the lock; the idle one is closed.
+        os.close(self._fd)
+        self._fd = waiter.fd
+
+    def _acquire_windows(self, timeout: float | None, state_path: Path) -> None:  # pragma: no cover
+        import filelock
+
+        if not hasattr(self, "_filelock"):
+            self._filelock = filelock.FileLock(str(self.path), poll_interval=0.001)
+        try:
+            self._filelock.acquire(timeout=-1 if timeout is None else timeout)
+        except filelock.Timeout:
+            raise self._timeout_error(timeout, None, state_path) from None
+
+    def release(self) -> None:
+        """Release the lock. After fork, a child never releases its parent's lock."""
+        if self._held_by is None or self._held_by[0] != os.getpid():
+            return
+        self._held_by = None
+        try:
+            if os.name == "nt":  # pragma: no cover
+                self._filelock.release()
+            else:
+                import fcntl
+
+                assert self._fd is not None
+                with contextlib.suppress(OSError):  # a read-only lock file keeps no record
+                    os.ftruncate(self._fd, 0)
+                _fs.flock(self._fd, fcntl.LOCK_UN, str(self.path))
+        finally:
+            self._threads.release()
+
+    def held_by_current_thread(self) -> bool:
+        """True when this thread of this process holds the lock."""
+        held = self._held_by
+        return held is not None and held[0] == os.getpid() and held[1] == threading.get_ident()
+
+    def _write_holder(self, since: str, operation: str) -> None:
+        if os.name == "nt" or self._fd is None:  # pragma: no cover
+            return
+        record = json.dumps(
+            {"pid": os.getpid(), "host": _HOST, "since": since, "operation": operation}
+        ).encode()
+        try:
+            os.pwrite(self._fd, record, 0)
+            os.ftruncate(self._fd, len(record))
+        except OSError:
+            pass  # informational only; a read-only lock file still locks
+
+    def _timeout_error(
+        self,
+        timeout: float | None,
+        holder: dict[str, Any] | None,
+        state_path: Path,
+        in_process: bool = False,
+    ) -> StateLockError:
+        who = _describe(holder)
+        where = " (another thread of this process)" if in_process else ""
+        return StateLockError(
+            f"could not lock {state_path} within {timeout} s: the lock file {self.path} is "
+            f"{who}{where}. Wait for it to finish, or stop that process if it is stuck; "
+            "never delete the lock file.",
+            path=state_path,
+            lock_file=self.path,
+            timeout=timeout,
+            holder=holder,
+        )
+
+    def _reset_after_fork(self) -> None:
+        # The child has one thread; a threading lock taken by another parent thread
+        # would never be released here, so start over. The fd is dropped at next use.
+        self._threads = threading.Lock()
+        self._held_by = None
+
+
+_registry: dict[str, ProcessLock] = {}
+_registry_guard = threading.Lock()
+
+
+def get_process_lock(path: Path, mode: int) -> ProcessLock:
+    """Return this process's lock object for ``path`` (one per canonical path)."""
+    key = str(path)
+    with _registry_guard:
+        lock = _registry.get(key)
+        if lock is None:
+            lock = _registry[key] = ProcessLock(path, mode)
+        return lock
+
+
+def _after_fork_in_child() -> None:
+    global _registry_guard
+    _registry_guard = threading.Lock()
+    for lock in _registry.values():
+        lock._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
