@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +45,22 @@ def _fail(step: str, target: Path, exc: OSError) -> StateWriteError:
     )
 
 
-def atomic_replace(target: Path, data: bytes, mode: int | None) -> Committed:
+def atomic_replace(
+    target: Path,
+    data: bytes,
+    mode: int | None,
+    *,
+    before_replace: Callable[[], None] | None = None,
+) -> Committed:
     """Make ``data`` the content of ``target``, durably and atomically.
 
     Args:
         target: The state file (already resolved: a symlink's target).
         data: The complete new content.
         mode: The permission bits to give the file, or None for ``0o666 & ~umask``.
+        before_replace: Called after the temp file is durable and before the rename:
+            the last moment to make a backup durable. An error from it aborts the
+            commit like any other step.
 
     Raises:
         StateWriteError: a step before the rename failed; ``target`` is untouched and
@@ -82,6 +92,9 @@ def atomic_replace(target: Path, data: bytes, mode: int | None) -> Committed:
         step = "close temp file"
         closing, fd = fd, None
         _fs.close(closing, tmp)
+        if before_replace is not None:
+            step = "before replace"
+            before_replace()
         step = "replace state file"
         _fs.replace(tmp, str(target))
     except OSError as exc:

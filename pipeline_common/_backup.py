@@ -9,6 +9,7 @@ creation order even when the clock steps back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -43,6 +44,7 @@ class BackupManager:
         self.backups_dir = backups_dir
         self.max_backups = max_backups
         self._locked = locked
+        self._listed: list[str] | None = None
         stem = re.escape(state_path.stem)
         self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.bak$")
         self._corrupt_pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.corrupt$")
@@ -56,6 +58,8 @@ class BackupManager:
         """
         with self._locked("create_backup") as txn:
             backup = self.link_current()
+            if backup is not None:
+                self.sync()
             if backup is None:
                 raise StateBackupError(
                     f"{self.state_path} does not exist yet, so there is nothing to back up",
@@ -94,26 +98,28 @@ class BackupManager:
 
     def _next_name(self, existing: list[str], suffix: str) -> str:
         now = datetime.now(timezone.utc).replace(tzinfo=None)
+        stamp = now.strftime(_STAMP)
         newest = existing[-1] if existing else None
-        if newest is not None:
-            m = self._pattern.match(newest)
-            if m:
-                last = datetime.strptime(m.group(1), _STAMP)
-                if now <= last:  # the clock stepped back or did not move: stay ordered
-                    now = last + timedelta(microseconds=1)
-        return f"{self.state_path.stem}_{now.strftime(_STAMP)}{suffix}"
+        m = self._pattern.match(newest) if newest is not None else None
+        # Fixed-width stamps compare as strings; parse only when the clock stepped
+        # back (or did not move), to stay ordered.
+        if m and stamp <= m.group(1):
+            last = datetime.strptime(m.group(1), _STAMP)
+            stamp = (last + timedelta(microseconds=1)).strftime(_STAMP)
+        return f"{self.state_path.stem}_{stamp}{suffix}"
 
     def link_current(self, *, corrupt: bool = False) -> Path | None:
-        """Hard-link the current state file into the backups folder and fsync the folder.
+        """Hard-link the current state file into the backups folder.
 
-        Called under the lock, before the state is replaced. Returns None when there is
-        no state file. ``corrupt=True`` keeps an unparseable state aside under a
-        ``.json.corrupt`` name, outside the rotation, so a full replacement of a broken
-        file loses nothing.
+        Called under the lock, before the state is replaced; :meth:`sync` must follow
+        before the replace. Returns None when there is no state file. ``corrupt=True``
+        keeps an unparseable state aside under a ``.json.corrupt`` name, outside the
+        rotation, so a full replacement of a broken file loses nothing.
 
         Raises:
-            StateWriteError: the link or the folder fsync failed; nothing was replaced.
+            StateWriteError: the link failed; nothing was replaced.
         """
+        self._listed = None
         if not os.path.lexists(self.state_path):
             return None
         existing = self.names()
@@ -123,7 +129,9 @@ class BackupManager:
             target = self.backups_dir / name
             try:
                 _fs.link(str(self.state_path), str(target))
-                break
+                if not corrupt:
+                    self._listed = [*existing, name]
+                return target
             except FileExistsError:
                 existing = [*existing, name.replace(suffix, ".json.bak")]
             except OSError as exc:
@@ -136,35 +144,50 @@ class BackupManager:
                     step="link backup",
                     errno=exc.errno,
                 ) from exc
-        else:  # pragma: no cover - 1000 name collisions in a row
-            raise StateWriteError(
-                f"could not find a free backup name in {self.backups_dir}",
-                path=self.state_path,
-                step="link backup",
-            )
+        raise StateWriteError(  # pragma: no cover - 1000 name collisions in a row
+            f"could not find a free backup name in {self.backups_dir}",
+            path=self.state_path,
+            step="link backup",
+        )
+
+    def sync(self) -> None:
+        """fsync the backups folder, so a new backup survives a power loss.
+
+        The commit calls this after the new state's temp file is fsynced: on a
+        journaling file system that fsync has usually committed the link already,
+        so this one is cheap, and the backup is still durable before the replace.
+
+        Raises:
+            StateWriteError: the fsync failed; the commit must not go ahead.
+        """
         try:
             _fs.fsync_dir(str(self.backups_dir))
         except OSError as exc:
             raise StateWriteError(
-                f"could not make the backup {target} durable: fsync of {self.backups_dir} "
-                f"failed ({exc.strerror or exc}); the state file is unchanged.",
+                f"could not make a backup of {self.state_path} durable: fsync of "
+                f"{self.backups_dir} failed ({exc.strerror or exc}); the state file is "
+                "unchanged.",
                 path=self.state_path,
                 step="fsync backups folder",
                 errno=exc.errno,
             ) from exc
-        return target
+
+    def discard(self, backup: Path) -> None:
+        """Remove a backup made for a commit that then failed (best effort)."""
+        with contextlib.suppress(OSError):
+            _fs.unlink(str(backup))
 
     def prune(self) -> list[str]:
         """Delete the oldest backups beyond ``max_backups``; return the names removed.
 
         Runs after the commit, so a crash here only leaves one backup too many.
         """
-        names = self.names()
+        # The listing made for the link just before is still right (we hold the lock).
+        names, self._listed = (self._listed or self.names()), None
         excess = names[: max(len(names) - self.max_backups, 0)]
+        # No fsync after: a pruned backup that comes back after a power loss is harmless.
         for name in excess:
             _fs.unlink(str(self.backups_dir / name))
-        if excess:
-            _fs.fsync_dir(str(self.backups_dir))
         return excess
 
     def check(self, backup_path: str | os.PathLike[str]) -> Path:

@@ -9,8 +9,9 @@ The commit protocol, in order (each step's crash argument is in docs/protocol.md
 3. the caller's block mutates ``txn.data``; an exception ends here: nothing written
    but a ``success: false`` record;
 4. validate and serialize fully in memory;
-5. back up the current version (hard link, folder fsynced) before it is replaced;
-6. temp file beside the state, write, fsync, ``os.replace``, fsync the folder;
+5. back up the current version (hard link) before it is replaced;
+6. temp file beside the state, write, fsync; fsync the backups folder; ``os.replace``;
+   fsync the state's folder;
 7. append the log record and fsync it; a failure here is a warning, not a loss;
 8. prune old backups; unlock; return.
 """
@@ -544,9 +545,21 @@ class PipelineState:
             backup = None
             if current.data is not None and self.backup_before_write:
                 backup = self.backup_manager.link_current(corrupt=not current.logged)
-                if backup is not None:
-                    txn.details["backup"] = backup.name
-            committed = atomic_replace(self.path, payload, current.mode)
+            try:
+                committed = atomic_replace(
+                    self.path,
+                    payload,
+                    current.mode,
+                    before_replace=self.backup_manager.sync if backup is not None else None,
+                )
+            except StateDurabilityError:
+                raise
+            except BaseException:
+                if backup is not None:  # the state was not replaced: no extra backup
+                    self.backup_manager.discard(backup)
+                raise
+            if backup is not None:
+                txn.details["backup"] = backup.name
         except StateDurabilityError as exc:
             # Visible already: record it as the commit it is, flagged as maybe not durable.
             st = os.stat(self.path)
