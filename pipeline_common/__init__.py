@@ -5,12 +5,16 @@ Re-exports only; see the modules for the code.
 
 from __future__ import annotations
 
+from ._diff import MISSING, Change, Diff
+from ._history import BackupInfo, Check, HistoryRecord, LockInfo, RepairReport, VerifyReport
 from .errors import (
     StateBackupError,
+    StateConflictError,
     StateDurabilityError,
     StateError,
     StateLockError,
     StateReadError,
+    StateSchemaError,
     StateSerializationError,
     StateSidecarError,
     StateValidationError,
@@ -23,20 +27,31 @@ from .state import PipelineState, StateTransaction
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackupInfo",
+    "Change",
+    "Check",
+    "Diff",
+    "HistoryRecord",
+    "LockInfo",
+    "MISSING",
     "PHASE_STATUSES",
     "PhaseRecord",
     "PipelineModel",
     "PipelineState",
+    "RepairReport",
     "StateBackupError",
+    "StateConflictError",
     "StateDurabilityError",
     "StateError",
     "StateLockError",
     "StateReadError",
+    "StateSchemaError",
     "StateSerializationError",
     "StateSidecarError",
     "StateTransaction",
     "StateValidationError",
     "StateWarning",
     "StateWriteError",
+    "VerifyReport",
     "__version__",
 ]

@@ -51,6 +51,7 @@ def atomic_replace(
     mode: int | None,
     *,
     before_replace: Callable[[], None] | None = None,
+    durable: bool = True,
 ) -> Committed:
     """Make ``data`` the content of ``target``, durably and atomically.
 
@@ -61,6 +62,8 @@ def atomic_replace(
         before_replace: Called after the temp file is durable and before the rename:
             the last moment to make a backup durable. An error from it aborts the
             commit like any other step.
+        durable: False skips both fsyncs (``durability="atomic"``): never torn, but
+            a power loss may take the newest commits back.
 
     Raises:
         StateWriteError: a step before the rename failed; ``target`` is untouched and
@@ -86,8 +89,9 @@ def atomic_replace(
             _fs.fchmod(fd, mode, tmp)
         step = "write temp file"
         _fs.write_all(fd, data, tmp)
-        step = "fsync temp file"
-        _fs.fsync(fd, tmp)
+        if durable:
+            step = "fsync temp file"
+            _fs.fsync(fd, tmp)
         st = os.fstat(fd)
         step = "close temp file"
         closing, fd = fd, None
@@ -111,7 +115,8 @@ def atomic_replace(
         _remove_quietly(tmp)
         raise
     try:
-        _fs.fsync_dir(str(target.parent))
+        if durable:
+            _fs.fsync_dir(str(target.parent))
     except OSError as exc:
         raise StateDurabilityError(
             f"{target} was replaced with the new state, but fsync of its folder failed "

@@ -10,9 +10,11 @@ creation order even when the clock steps back.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import re
 import stat
+import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
@@ -39,14 +41,19 @@ class BackupManager:
         backups_dir: Path,
         max_backups: int,
         locked: Callable[[str], AbstractContextManager[object]],
+        *,
+        compress: bool = False,
+        durable: bool = True,
     ) -> None:
         self.state_path = state_path
         self.backups_dir = backups_dir
         self.max_backups = max_backups
         self._locked = locked
+        self.compress = compress
+        self.durable = durable
         self._listed: list[str] | None = None
         stem = re.escape(state_path.stem)
-        self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.bak$")
+        self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.(?:bak|gz)$")
         self._corrupt_pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.corrupt$")
 
     def create_backup(self) -> Path:
@@ -90,8 +97,8 @@ class BackupManager:
         """The newest backup that parses as a JSON object: the one to restore."""
         for path in self.list_paths(None):
             try:
-                _json.decode(path.read_bytes())
-            except (OSError, _json.DecodeError):
+                _json.decode(self.load(path))
+            except (OSError, EOFError, zlib.error, _json.DecodeError):
                 continue
             return path
         return None
@@ -108,7 +115,12 @@ class BackupManager:
             stamp = (last + timedelta(microseconds=1)).strftime(_STAMP)
         return f"{self.state_path.stem}_{stamp}{suffix}"
 
-    def link_current(self, *, corrupt: bool = False) -> Path | None:
+    def load(self, backup: Path) -> bytes:
+        """The state bytes a backup holds (decompressed for ``.json.gz``)."""
+        data = backup.read_bytes()
+        return gzip.decompress(data) if backup.name.endswith(".gz") else data
+
+    def link_current(self, *, corrupt: bool = False, current: bytes | None = None) -> Path | None:
         """Hard-link the current state file into the backups folder.
 
         Called under the lock, before the state is replaced; :meth:`sync` must follow
@@ -123,17 +135,21 @@ class BackupManager:
         if not os.path.lexists(self.state_path):
             return None
         existing = self.names()
-        suffix = ".json.corrupt" if corrupt else ".json.bak"
+        compress = self.compress and not corrupt
+        suffix = ".json.corrupt" if corrupt else (".json.gz" if compress else ".json.bak")
         for _ in range(1000):
             name = self._next_name(existing, suffix)
             target = self.backups_dir / name
             try:
-                _fs.link(str(self.state_path), str(target))
+                if compress:
+                    self._write_compressed(target, current)
+                else:
+                    _fs.link(str(self.state_path), str(target))
                 if not corrupt:
                     self._listed = [*existing, name]
                 return target
             except FileExistsError:
-                existing = [*existing, name.replace(suffix, ".json.bak")]
+                existing = [*existing, name.replace(".json.corrupt", ".json.bak")]
             except OSError as exc:
                 raise StateWriteError(
                     f"could not back up {self.state_path} into {self.backups_dir}: "
@@ -150,6 +166,28 @@ class BackupManager:
             step="link backup",
         )
 
+    def _write_compressed(self, target: Path, current: bytes | None) -> None:
+        # Complete and fsynced under a temp name, then linked to the final name, which
+        # fails rather than overwrite an existing backup.
+        data = gzip.compress(
+            current if current is not None else self.state_path.read_bytes(), compresslevel=1
+        )
+        tmp = str(target.with_name(f".{target.name}.tmp"))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        fd = _fs.open_file(tmp, flags, 0o600)
+        try:
+            _fs.fchmod(fd, stat.S_IMODE(os.stat(self.state_path).st_mode), tmp)
+            _fs.write_all(fd, data, tmp)
+            if self.durable:
+                _fs.fsync(fd, tmp)
+        finally:
+            os.close(fd)
+        try:
+            _fs.link(tmp, str(target))
+        finally:
+            with contextlib.suppress(OSError):
+                _fs.unlink(tmp)
+
     def sync(self) -> None:
         """fsync the backups folder, so a new backup survives a power loss.
 
@@ -160,6 +198,8 @@ class BackupManager:
         Raises:
             StateWriteError: the fsync failed; the commit must not go ahead.
         """
+        if not self.durable:
+            return
         try:
             _fs.fsync_dir(str(self.backups_dir))
         except OSError as exc:
@@ -252,8 +292,10 @@ class BackupManager:
         finally:
             os.close(fd)
         try:
+            if backup.name.endswith(".gz"):
+                data = gzip.decompress(data)
             _json.decode(data)
-        except _json.DecodeError as exc:
+        except (_json.DecodeError, OSError, EOFError, zlib.error) as exc:
             raise StateBackupError(
                 f"cannot restore {backup}: it is corrupt ({exc}); choose another of "
                 "state.list_backups(); nothing was changed.",

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import _fs
 
-__all__ = ["Tail", "TransactionLog"]
+__all__ = ["Tail", "TransactionLog", "line_hash", "parse_line", "read_lines"]
 
 _BLOCK = 65536
 
@@ -99,7 +99,25 @@ class TransactionLog:
 
     # -- writing (under the state's lock) ------------------------------------
 
-    def append(self, record: dict[str, Any], *, created_dir: Path | None = None) -> dict[str, Any]:
+    def repair_tail(self, *, durable: bool = True) -> int:
+        """Cut a torn or garbage tail back to the last complete record; return bytes cut."""
+        tail = self.tail()
+        if tail.clean_size < 0 or tail.size <= tail.clean_size:
+            return 0
+        path = str(self.path)
+        fd = _fs.open_file(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            _fs.ftruncate(fd, tail.clean_size, path)
+            if durable:
+                _fs.fdatasync(fd, path)
+        finally:
+            os.close(fd)
+        self._cache = None
+        return tail.size - tail.clean_size
+
+    def append(
+        self, record: dict[str, Any], *, created_dir: Path | None = None, durable: bool = True
+    ) -> dict[str, Any]:
         """Number ``record``, chain it to the previous line, append it and fsync.
 
         A torn or garbage tail left by a crash is cut off first, so a new record never
@@ -129,11 +147,12 @@ class TransactionLog:
             elif tail.clean_size < 0 and tail.size > 0 and not _ends_with_newline(fd):
                 prefix = b"\n"  # no record parses at all: keep the bytes, start a new line
             _fs.write_all(fd, prefix + raw + b"\n", path)
-            _fs.fdatasync(fd, path)
+            if durable:
+                _fs.fdatasync(fd, path)
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        if new_file and created_dir is not None:
+        if new_file and created_dir is not None and durable:
             _fs.fsync_dir(str(created_dir))
         new_tail = Tail(
             seq=record["seq"],
@@ -147,6 +166,29 @@ class TransactionLog:
         )
         self._cache = (st.st_ino, st.st_size, new_tail)
         return record
+
+
+def read_lines(path: Path) -> list[bytes]:
+    """Every line of the log, oldest first, without newlines; a torn tail is the last
+    element when the file does not end with a newline (for verify)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def parse_line(raw: bytes) -> dict[str, Any] | None:
+    """Parse one log line; None when it is not a JSON object (torn or garbage)."""
+    return _parse(raw)
+
+
+def line_hash(raw: bytes) -> str:
+    """The chain hash of one line, as the next record's ``prev`` must carry it."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _ends_with_newline(fd: int) -> bool:

@@ -13,6 +13,9 @@ subclasses the builtin it resembles, so generic handlers keep working::
           +-- StateDurabilityError        committed and visible, but maybe not durable
           +-- StateBackupError            a backup is unusable or cannot be restored
           +-- StateSidecarError           a sidecar (lock file, .<stem>/ folder) is unusable
+          +-- StateConflictError          another writer committed since the expected version
+          +-- StateSchemaError            the file's schema version is newer than the code's,
+                                          or a migration is missing or failed
 
     UserWarning
      +-- StateWarning                     committed, but the audit log or pruning failed
@@ -27,10 +30,12 @@ from typing import Any
 
 __all__ = [
     "StateBackupError",
+    "StateConflictError",
     "StateDurabilityError",
     "StateError",
     "StateLockError",
     "StateReadError",
+    "StateSchemaError",
     "StateSerializationError",
     "StateSidecarError",
     "StateValidationError",
@@ -178,6 +183,51 @@ class StateBackupError(StateError):
 
 class StateSidecarError(StateError):
     """A sidecar of the state (lock file, ``.<stem>/`` folder, log) is unusable."""
+
+
+class StateConflictError(StateError):
+    """Another writer committed since the version the caller expected.
+
+    Raised by ``state.transaction(expect_version=v)`` before the block runs; read
+    again, decide again, and retry.
+
+    Attributes:
+        expected: The version the caller expected.
+        actual: The version found under the lock.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        expected: int | None = None,
+        actual: int | None = None,
+    ) -> None:
+        super().__init__(message, path=path)
+        self.expected = expected
+        self.actual = actual
+
+
+class StateSchemaError(StateError):
+    """The file's schema version cannot be handled by this code; nothing was written.
+
+    Attributes:
+        file_version: The schema version the file was last committed with.
+        code_version: The ``schema_version`` this ``PipelineState`` was opened with.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        file_version: int | None = None,
+        code_version: int | None = None,
+    ) -> None:
+        super().__init__(message, path=path)
+        self.file_version = file_version
+        self.code_version = code_version
 
 
 class StateWarning(UserWarning):

@@ -18,33 +18,41 @@ The commit protocol, in order (each step's crash argument is in docs/protocol.md
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import hashlib
+import logging
 import os
 import socket
 import stat
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import _json
+from . import _diff, _inspect, _json
+from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
-from ._lock import ProcessLock, get_process_lock
+from ._diff import Diff
+from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyReport
+from ._lock import ProcessLock, get_process_lock, read_holder
 from ._log import TransactionLog
 from .errors import (
+    StateConflictError,
     StateDurabilityError,
     StateError,
     StateReadError,
+    StateSchemaError,
     StateSerializationError,
     StateSidecarError,
     StateValidationError,
@@ -56,6 +64,7 @@ from .models import PipelineModel
 __all__ = ["PipelineState", "StateTransaction"]
 
 _HOST = socket.gethostname()
+_logger = logging.getLogger("pipeline_common")
 _active = threading.local()  # per thread: lock path -> the outermost open transaction
 
 
@@ -73,6 +82,7 @@ class _Current:
     mtime_ns: int = 0
     mode: int | None = None
     logged: bool = True  # matches the newest commit record of the log
+    recovered: bool = False  # a recover record was appended for it just now
 
 
 class StateTransaction:
@@ -94,11 +104,13 @@ class StateTransaction:
         validate: bool = True,
         seed_data: dict[str, Any] | None = None,
         operation: str = "transaction",
+        expect_version: int | None = None,
         _copy_seed: bool = True,
         _payload: bytes | None = None,
         _commit: bool = True,
     ) -> None:
         self.state = state
+        self.expect_version = expect_version
         self.validate = validate
         self.operation = operation
         self.details: dict[str, Any] = {}
@@ -113,6 +125,7 @@ class StateTransaction:
         self._pid = 0
         self._entered = False
         self._t0 = 0.0
+        self._notify: tuple[int, str, list[str] | None] | None = None
 
     @property
     def nested(self) -> bool:
@@ -128,14 +141,7 @@ class StateTransaction:
         state = self.state
         outer = state._active_transaction()
         if outer is not None:
-            self._outer = outer
-            self._snapshot = _snapshot(outer.data)
-            if self._payload is not None:
-                _replace_contents(outer.data, _json.decode(self._payload))
-            elif self._seed is not None:
-                _replace_contents(outer.data, copy.deepcopy(self._seed))
-            self.data = outer.data
-            return self
+            return self._join(outer)
         self._t0 = time.perf_counter()
         state._lock.acquire(state.timeout, self.operation, state.path)
         self._pid = os.getpid()
@@ -143,6 +149,20 @@ class StateTransaction:
         try:
             state._prepare_sidecars()
             self._current = state._read_current_locked()
+            if self._current.recovered:
+                self.details["recovered_commit"] = True
+            state._migrate_locked(self)
+            if self.expect_version is not None:
+                actual = state._log.tail().generation
+                if actual != self.expect_version:
+                    raise StateConflictError(
+                        f"{state.path} is at version {actual}, not {self.expect_version}: "
+                        "another writer committed since you read it. Read again "
+                        "(state.read_versioned()), decide again, and retry.",
+                        path=state.path,
+                        expected=self.expect_version,
+                        actual=actual,
+                    )
             if self._payload is not None:
                 self.data = {}
             elif self._seed is not None:
@@ -153,6 +173,24 @@ class StateTransaction:
             state._clear_active(self)
             state._lock.release()
             raise
+        return self
+
+    def _join(self, outer: StateTransaction) -> StateTransaction:
+        if self.expect_version is not None and self.expect_version != outer.state.version:
+            raise StateConflictError(
+                f"{self.state.path} is at version {outer.state.version}, not "
+                f"{self.expect_version}; the enclosing transaction cannot honour it",
+                path=self.state.path,
+                expected=self.expect_version,
+                actual=outer.state.version,
+            )
+        self._outer = outer
+        self._snapshot = _snapshot(outer.data)
+        if self._payload is not None:
+            _replace_contents(outer.data, _json.decode(self._payload))
+        elif self._seed is not None:
+            _replace_contents(outer.data, copy.deepcopy(self._seed))
+        self.data = outer.data
         return self
 
     def __exit__(
@@ -183,6 +221,8 @@ class StateTransaction:
         finally:
             state._clear_active(self)
             state._lock.release()
+        if self._notify is not None:
+            state._fire_hooks(*self._notify)
 
 
 def _snapshot(data: dict[str, Any]) -> bytes | dict[str, Any]:
@@ -213,6 +253,18 @@ class PipelineState:
         backup_before_write: Back up every version before it is replaced.
         timeout: Seconds to wait for the lock (None waits forever).
         schema: A Pydantic model class; default :class:`~pipeline_common.models.PipelineModel`.
+        schema_version: The schema version this code writes; each commit records it
+            in the log (never in the file). A file last committed with an older
+            version is migrated on the first transaction; a newer one is refused.
+        migrations: ``{v: fn}`` where ``fn(data)`` turns version ``v`` data into
+            version ``v + 1`` (returning the new dict, or None after changing it in
+            place). A file with no recorded version counts as version 1.
+        durability: ``"full"`` (default) fsyncs the file, its folder, the backups
+            folder and the log: an acknowledged commit survives a power loss.
+            ``"atomic"`` skips every fsync: never torn, but a power loss may take the
+            newest commits back (tests, tmpfs, scratch runs).
+        compress_backups: Store backups gzip-compressed as ``.json.gz`` (a copy, not
+            a hard link, so it costs time at every commit).
 
     Sidecars: ``<path>.lock`` (never deleted), ``<dir>/.<stem>/backups/`` and
     ``<dir>/.<stem>/transactions.log``. The state file holds exactly the caller's JSON.
@@ -227,9 +279,17 @@ class PipelineState:
         backup_before_write: bool = True,
         timeout: float | None = 10.0,
         schema: type[BaseModel] | None = None,
+        schema_version: int | None = None,
+        migrations: Mapping[int, Callable[[dict[str, Any]], dict[str, Any] | None]] | None = None,
+        durability: Literal["full", "atomic"] = "full",
+        compress_backups: bool = False,
     ) -> None:
         if max_backups < 0:
             raise ValueError(f"max_backups must be >= 0, not {max_backups}")
+        if durability not in ("full", "atomic"):
+            raise ValueError(f"durability must be 'full' or 'atomic', not {durability!r}")
+        if migrations and schema_version is None:
+            raise ValueError("migrations need schema_version (the version the code writes)")
         given = Path(os.fspath(path)).expanduser()
         self.path = Path(os.path.realpath(given))
         self.validate_on_read = validate_on_read
@@ -237,6 +297,11 @@ class PipelineState:
         self.backup_before_write = backup_before_write
         self.timeout = timeout
         self.schema: type[BaseModel] = schema if schema is not None else PipelineModel
+        self.schema_version = schema_version
+        self.migrations = dict(migrations or {})
+        self.durability = durability
+        self._hooks: list[Callable[[int, str, list[str] | None], None]] = []
+        self._hooks_guard = threading.Lock()
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.sidecar_dir = self.path.parent / f".{self.path.stem}"
         self.backups_dir = self.sidecar_dir / "backups"
@@ -247,7 +312,12 @@ class PipelineState:
         self._lock: ProcessLock = get_process_lock(self.lock_path, base & 0o660)
         self._log = TransactionLog(self.log_path, self._file_mode)
         self.backup_manager = BackupManager(
-            self.path, self.backups_dir, max_backups, self._locked_operation
+            self.path,
+            self.backups_dir,
+            max_backups,
+            self._locked_operation,
+            compress=compress_backups,
+            durable=durability == "full",
         )
 
     def __repr__(self) -> str:
@@ -276,6 +346,7 @@ class PipelineState:
         seed_data: dict[str, Any] | None = None,
         *,
         operation: str = "transaction",
+        expect_version: int | None = None,
     ) -> StateTransaction:
         """Open a transaction: ``with state.transaction() as txn: txn.data[...] = ...``.
 
@@ -283,8 +354,16 @@ class PipelineState:
             validate: Validate against the schema before committing.
             seed_data: Start from (a deep copy of) this instead of the current state.
             operation: The name recorded in the log and in the lock's holder record.
+            expect_version: Raise :class:`StateConflictError` before the block runs if
+                the state is no longer at this version (optimistic concurrency).
         """
-        return StateTransaction(self, validate=validate, seed_data=seed_data, operation=operation)
+        return StateTransaction(
+            self,
+            validate=validate,
+            seed_data=seed_data,
+            operation=operation,
+            expect_version=expect_version,
+        )
 
     def write(self, data: dict[str, Any], validate: bool = True) -> None:
         """Replace the whole state with ``data``, committed exactly like a transaction."""
@@ -303,19 +382,49 @@ class PipelineState:
         """Return up to ``limit`` backups, newest first."""
         return self.backup_manager.list_paths(limit)
 
-    def restore_backup(self, backup_path: str | os.PathLike[str], *, validate: bool = True) -> bool:
+    @overload
+    def restore_backup(
+        self,
+        backup_path: str | os.PathLike[str] | BackupInfo,
+        *,
+        validate: bool = ...,
+        dry_run: Literal[False] = ...,
+    ) -> bool: ...
+
+    @overload
+    def restore_backup(
+        self,
+        backup_path: str | os.PathLike[str] | BackupInfo,
+        *,
+        validate: bool = ...,
+        dry_run: Literal[True],
+    ) -> Diff: ...
+
+    def restore_backup(
+        self,
+        backup_path: str | os.PathLike[str] | BackupInfo,
+        *,
+        validate: bool = True,
+        dry_run: bool = False,
+    ) -> bool | Diff:
         """Make a backup the current state, as a logged transaction.
 
         The replaced state is backed up first, so a restore can itself be undone. The
-        backup's bytes are copied into a new file; the backup stays as it is.
+        backup's bytes are copied into a new file; the backup stays as it is. With
+        ``dry_run=True`` nothing changes: the return value is the :class:`Diff` from
+        the current state to the backup.
 
         Raises:
             StateBackupError: not one of this state's backups (outside its folder, ``..``,
                 a symlink, a directory, a FIFO) or corrupt; nothing changed.
             StateValidationError: the backup fails the schema (pass ``validate=False``).
         """
+        if isinstance(backup_path, BackupInfo):
+            backup_path = backup_path.path
         backup = self.backup_manager.check(backup_path)
-        payload = self.backup_manager.read_checked(backup)
+        payload = self.backup_manager.read_checked(backup)  # decompressed, parsed once
+        if dry_run:
+            return _diff.diff(self.read(), _json.decode(payload))
         txn = StateTransaction(self, validate=validate, operation="restore", _payload=payload)
         txn.details["restored_from"] = backup.name
         with txn:
@@ -330,6 +439,172 @@ class PipelineState:
         """
         return self._log.read(limit)
 
+    # -- history, generations, inspection --------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The generation of the current state: commits so far (0 before the first)."""
+        return self._log.tail().generation
+
+    def read_versioned(self) -> tuple[dict[str, Any], int]:
+        """Return ``(data, version)`` of one committed state, without a lock.
+
+        The version is matched to the bytes read (by the file's identity as the log
+        recorded it), so the pair never mixes two commits; a commit whose record is
+        still being appended is waited for briefly.
+        """
+        deadline = time.monotonic() + 1.0
+        while True:
+            raw, st = self._read_file()
+            tail = self._log.tail()
+            last = tail.last_commit
+            if raw is None or st is None:
+                return {}, tail.generation
+            if last is not None and last.get("stat") == [st.st_ino, st.st_mtime_ns]:
+                return self._decode(raw), int(last.get("generation", tail.generation))
+            if time.monotonic() >= deadline:
+                # Changed outside the library (or a crash lost the record): the next
+                # transaction records it; until then the log's version is the best answer.
+                return self._decode(raw), tail.generation
+            time.sleep(0.002)
+
+    def history(self, limit: int = 20) -> list[HistoryRecord]:
+        """The newest ``limit`` log records as :class:`HistoryRecord` (one-line reprs)."""
+        return [HistoryRecord.from_raw(r) for r in self._log.read(limit)]
+
+    def backups(self, limit: int | None = None) -> list[BackupInfo]:
+        """Backups newest first, as :class:`BackupInfo` (generation, created, size, operation)."""
+        return _inspect.backup_infos(self, limit)
+
+    def at(self, generation: int) -> dict[str, Any]:
+        """The state as it was at ``generation``, when the file or a backup holds it.
+
+        Raises:
+            StateBackupError: no backup holds that generation any more.
+        """
+        return _inspect.content_at(self, generation)
+
+    def diff(self, a: Any, b: Any = "current") -> Diff:
+        """Changes from ``a`` to ``b``; each is "current", a generation, a backup or a dict."""
+        return _diff.diff(_inspect.resolve(self, a), _inspect.resolve(self, b))
+
+    def verify(self) -> VerifyReport:
+        """Check the state, the log's hash chain, the backups, stray temps and the lock file.
+
+        The report is truthy when healthy; its repr lists every check.
+        """
+        return _inspect.verify(self)
+
+    def repair(self) -> RepairReport:
+        """Fix what can be fixed without losing data (torn log tail, orphan temps, a
+        commit with no record), logged as one ``recover`` record."""
+        return _inspect.repair(self)
+
+    def lock_info(self) -> LockInfo:
+        """Whether the lock is held right now, and who holds it (pid, host, since, op)."""
+        if self._lock.held_by_current_thread():
+            return LockInfo(self.lock_path, True, read_holder(self.lock_path))
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return LockInfo(self.lock_path, False, None)
+        except OSError as exc:
+            raise StateSidecarError(
+                f"cannot open the lock file {self.lock_path}: {exc.strerror}", path=self.lock_path
+            ) from exc
+        try:
+            import fcntl
+
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return LockInfo(self.lock_path, True, read_holder(self.lock_path))
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return LockInfo(self.lock_path, False, None)
+        finally:
+            os.close(fd)
+
+    # -- watching and hooks -------------------------------------------------------
+
+    def wait_for_change(
+        self, since_version: int, timeout: float | None = None, *, interval: float = 0.05
+    ) -> int | None:
+        """Block until the version exceeds ``since_version``; return it, or None on timeout.
+
+        Polls the log's size and mtime (a stat, no parsing) every ``interval`` seconds,
+        so any process can follow another's commits.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: tuple[int, int] | None = None
+        while True:
+            try:
+                st = os.stat(self.log_path)
+                key = (st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                key = (0, 0)
+            if key != seen:
+                seen = key
+                version = self.version
+                if version > since_version:
+                    return version
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+            time.sleep(max(wait, 0.0))
+
+    def on_commit(
+        self, callback: Callable[[int, str, list[str] | None], None]
+    ) -> Callable[[], None]:
+        """Call ``callback(generation, operation, changes)`` after each durable commit
+        made through this object; return a function that unsubscribes it.
+
+        Runs in the committing thread after the lock is released. A callback that
+        raises is logged and ignored: it never breaks a commit.
+        """
+        with self._hooks_guard:
+            self._hooks.append(callback)
+
+        def unsubscribe() -> None:
+            with self._hooks_guard, contextlib.suppress(ValueError):
+                self._hooks.remove(callback)
+
+        return unsubscribe
+
+    def _fire_hooks(self, generation: int, operation: str, changes: list[str] | None) -> None:
+        with self._hooks_guard:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            try:
+                hook(generation, operation, changes)
+            except Exception:
+                _logger.exception("on_commit callback %r failed for %s", hook, self.path)
+
+    # -- async -------------------------------------------------------------------
+
+    def atransaction(
+        self,
+        validate: bool = True,
+        seed_data: dict[str, Any] | None = None,
+        *,
+        operation: str = "transaction",
+        expect_version: int | None = None,
+    ) -> AsyncTransaction:
+        """``async with state.atransaction() as txn:``; the lock wait never blocks the loop.
+
+        Locking and committing run on one worker thread per transaction, so the lock
+        is acquired and released on the same thread.
+        """
+        return AsyncTransaction(
+            self.transaction(
+                validate, seed_data, operation=operation, expect_version=expect_version
+            )
+        )
+
+    async def aread(self, validate: bool | None = None) -> dict[str, Any]:
+        """:meth:`read` on a worker thread, for event loops."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.read, validate)
+
     # -- internals -------------------------------------------------------------
 
     def _base_mode(self) -> int:
@@ -339,6 +614,9 @@ class PipelineState:
             return 0o666  # like open(): the umask applies when files are created
 
     def _active_transaction(self) -> StateTransaction | None:
+        joined = async_active(str(self.lock_path))
+        if joined is not None and joined._pid == os.getpid():
+            return joined
         stack: dict[str, StateTransaction] | None = getattr(_active, "by_lock", None)
         if not stack:
             return None
@@ -373,7 +651,8 @@ class PipelineState:
             except FileNotFoundError:
                 try:
                     _fs.mkdir(str(folder), self._dir_mode)
-                    _fs.fsync_dir(str(folder.parent))
+                    if self.durability == "full":
+                        _fs.fsync_dir(str(folder.parent))
                 except FileExistsError:
                     st = os.lstat(folder)
                 except OSError as exc:
@@ -497,6 +776,7 @@ class PipelineState:
         except _json.DecodeError:
             current.logged = False
             return current  # a corrupt file is not a commit; read/write paths deal with it
+        current.recovered = True
         self._append_quietly(
             {
                 "timestamp": _now(),
@@ -506,6 +786,11 @@ class PipelineState:
                 "sha256": digest,
                 "size": current.size,
                 "stat": [current.ino, current.mtime_ns],
+                **(
+                    {"schema_version": last.get("schema_version")}
+                    if last is not None and last.get("schema_version") is not None
+                    else {}
+                ),
                 "details": {
                     "reason": "the state file was changed without a log record "
                     "(a crash or log failure after a commit, or an outside write)"
@@ -515,6 +800,64 @@ class PipelineState:
             }
         )
         return current
+
+    def _file_schema_version(self) -> int:
+        last = self._log.tail().last_commit
+        version = last.get("schema_version") if last else None
+        return version if isinstance(version, int) else 1
+
+    def _migrate_locked(self, txn: StateTransaction) -> None:
+        """Bring an older file up to ``schema_version`` as one logged ``migrate`` commit."""
+        current = txn._current
+        if self.schema_version is None or current is None or current.data is None:
+            return
+        file_version = self._file_schema_version()
+        if file_version == self.schema_version:
+            return
+        if file_version > self.schema_version:
+            raise StateSchemaError(
+                f"{self.path} was written with schema version {file_version}, newer than "
+                f"this code's {self.schema_version}; refusing to rewrite it. Upgrade the "
+                "code that opens it.",
+                path=self.path,
+                file_version=file_version,
+                code_version=self.schema_version,
+            )
+        data = self._decode(current.data)
+        for version in range(file_version, self.schema_version):
+            step = self.migrations.get(version)
+            if step is None:
+                raise StateSchemaError(
+                    f"{self.path} is at schema version {version} and no migration "
+                    f"{version} -> {version + 1} was given; nothing was changed. Pass "
+                    f"migrations={{{version}: fn, ...}}.",
+                    path=self.path,
+                    file_version=file_version,
+                    code_version=self.schema_version,
+                )
+            try:
+                result = step(data)
+            except Exception as exc:
+                raise StateSchemaError(
+                    f"migration {version} -> {version + 1} of {self.path} failed "
+                    f"({type(exc).__name__}: {exc}); nothing was changed.",
+                    path=self.path,
+                    file_version=file_version,
+                    code_version=self.schema_version,
+                ) from exc
+            if result is not None:
+                data = result
+        migration = StateTransaction(self, operation="migrate")
+        migration._current = current
+        migration._t0 = time.perf_counter()
+        migration.data = data
+        migration.details.update(
+            {"from_schema_version": file_version, "to_schema_version": self.schema_version}
+        )
+        self._commit(migration)
+        txn._current = self._read_current_locked()
+        if migration._notify is not None:
+            txn.details["migrated"] = migration.details
 
     def _commit(self, txn: StateTransaction) -> None:
         current = txn._current
@@ -544,13 +887,16 @@ class PipelineState:
                     ) from exc
             backup = None
             if current.data is not None and self.backup_before_write:
-                backup = self.backup_manager.link_current(corrupt=not current.logged)
+                backup = self.backup_manager.link_current(
+                    corrupt=not current.logged, current=current.data
+                )
             try:
                 committed = atomic_replace(
                     self.path,
                     payload,
                     current.mode,
                     before_replace=self.backup_manager.sync if backup is not None else None,
+                    durable=self.durability == "full",
                 )
             except StateDurabilityError:
                 raise
@@ -579,15 +925,19 @@ class PipelineState:
             self._log_quietly(txn, success=False, error=f"{type(exc).__name__}: {exc}", step=step)
             raise
         digest = hashlib.sha256(payload).hexdigest()
-        self._log_quietly(
+        changes = _diff.changed_top_level(current.data, payload)
+        written = self._log_quietly(
             txn,
             success=True,
             commit={
                 "sha256": digest,
                 "size": committed.size,
                 "stat": [committed.ino, committed.mtime_ns],
+                "changes": changes,
             },
         )
+        generation = written["generation"] if written else self._log.tail().generation + 1
+        txn._notify = (generation, txn.operation, changes)
         if self.backup_before_write:
             try:
                 self.backup_manager.prune()
@@ -608,7 +958,7 @@ class PipelineState:
         step: str | None = None,
         commit: dict[str, Any] | None = None,
         durable_error: str | None = None,
-    ) -> None:
+    ) -> dict[str, Any] | None:
         details = dict(txn.details)
         if error is not None:
             details["error"] = error
@@ -629,11 +979,15 @@ class PipelineState:
         if commit is not None:
             record.update(commit)
             record["commits"] = True
-        self._append_quietly(record)
+            if self.schema_version is not None:
+                record["schema_version"] = self.schema_version
+        return self._append_quietly(record)
 
-    def _append_quietly(self, record: dict[str, Any]) -> None:
+    def _append_quietly(self, record: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            self._log.append(record, created_dir=self.sidecar_dir)
+            return self._log.append(
+                record, created_dir=self.sidecar_dir, durable=self.durability == "full"
+            )
         except (OSError, ValueError) as exc:
             warnings.warn(
                 f"could not append to the transaction log {self.log_path} "
@@ -642,3 +996,4 @@ class PipelineState:
                 StateWarning,
                 stacklevel=5,
             )
+            return None

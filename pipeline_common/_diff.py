@@ -1,0 +1,168 @@
+"""Differences between two JSON documents, as JSON pointers (RFC 6901).
+
+Two uses: the log's short change summary (which top-level keys changed), computed
+from the committed bytes at C speed without a second parse; and ``state.diff()``,
+a full structural diff for people at a REPL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MISSING", "Change", "Diff", "changed_top_level", "diff", "pointer"]
+
+
+class _Missing:
+    """Stands for 'no value here' in a change (key added or removed)."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def pointer(parts: Iterable[str | int]) -> str:
+    """Build a JSON pointer from path parts (``~`` and ``/`` escaped)."""
+    out = "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+    return out or "/"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference: the value at ``pointer`` went from ``old`` to ``new``."""
+
+    pointer: str
+    old: Any
+    new: Any
+
+    @property
+    def kind(self) -> str:
+        """``added``, ``removed`` or ``changed``."""
+        if self.old is MISSING:
+            return "added"
+        if self.new is MISSING:
+            return "removed"
+        return "changed"
+
+    def __repr__(self) -> str:
+        if self.kind == "added":
+            return f"+ {self.pointer}: {_short(self.new)}"
+        if self.kind == "removed":
+            return f"- {self.pointer}: {_short(self.old)}"
+        return f"~ {self.pointer}: {_short(self.old)} -> {_short(self.new)}"
+
+
+class Diff(list[Change]):
+    """A list of :class:`Change` with a readable multi-line repr (empty: identical)."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "<Diff: identical>"
+        lines = [f"<Diff: {len(self)} change{'s' if len(self) != 1 else ''}>"]
+        lines.extend(f"  {c!r}" for c in self)
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def diff(old: Any, new: Any) -> Diff:
+    """Return every difference between two JSON values, in document order."""
+    out = Diff()
+    _walk(old, new, [], out)
+    return out
+
+
+def _walk(old: Any, new: Any, path: list[str | int], out: Diff) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in old:
+            if key not in new:
+                out.append(Change(pointer([*path, key]), old[key], MISSING))
+            else:
+                _walk(old[key], new[key], [*path, key], out)
+        for key in new:
+            if key not in old:
+                out.append(Change(pointer([*path, key]), MISSING, new[key]))
+        return
+    if isinstance(old, list) and isinstance(new, list):
+        for i in range(max(len(old), len(new))):
+            if i >= len(new):
+                out.append(Change(pointer([*path, i]), old[i], MISSING))
+            elif i >= len(old):
+                out.append(Change(pointer([*path, i]), MISSING, new[i]))
+            else:
+                _walk(old[i], new[i], [*path, i], out)
+        return
+    if type(old) is not type(new) or old != new:
+        out.append(Change(pointer(path), old, new))
+
+
+_KEY_START = b'\n  "'
+
+
+def _top_level_chunks(data: bytes) -> dict[bytes, bytes] | None:
+    """Split canonical (2-space indented) JSON bytes into ``{key bytes: value bytes}``.
+
+    Top-level keys are the only lines starting with exactly two spaces and a quote;
+    strings cannot hold raw newlines, so the split is exact. Returns None when the
+    bytes are not in that form.
+    """
+    if not data.startswith(b"{"):
+        return None
+    body = data.rstrip()
+    if body == b"{}":
+        return {}
+    if not body.endswith(b"\n}"):
+        return None
+    body = body[1:-2]  # without the braces and the newline before the closing one
+    chunks: dict[bytes, bytes] = {}
+    for piece in body.split(_KEY_START)[1:]:
+        end = piece.find(b'": ')
+        if end < 0:
+            return None
+        key, value = piece[:end], piece[end + 3 :]
+        if value.endswith(b","):
+            value = value[:-1]
+        chunks[key] = value
+    return chunks
+
+
+def changed_top_level(old: bytes | None, new: bytes) -> list[str] | None:
+    """Pointers of the top-level keys that differ between two committed versions.
+
+    Works on the bytes this library writes; returns None when either side is in
+    another form (a hand-written file), so the caller can say "unknown".
+    """
+    new_chunks = _top_level_chunks(new)
+    old_chunks: dict[bytes, bytes] | None = {} if old is None else _top_level_chunks(old)
+    if new_chunks is None or old_chunks is None:
+        return None
+    keys = [k for k in old_chunks if new_chunks.get(k) != old_chunks[k]]
+    keys += [k for k in new_chunks if k not in old_chunks]
+    return [pointer([_unescape(k)]) for k in keys]
+
+
+def _unescape(key: bytes) -> str:
+    import json
+
+    try:
+        return str(json.loads(b'"' + key + b'"'))
+    except ValueError:
+        return key.decode("utf-8", "replace")

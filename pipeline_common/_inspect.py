@@ -1,0 +1,281 @@
+"""Looking back: backups with their generations, content at a generation, verify, repair.
+
+These read the whole log, so they are for people and tools (a REPL, the CLI), not
+for the commit path. ``state.py`` exposes them as methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _fs, _json, _log
+from ._atomic import temp_path_for
+from ._history import BackupInfo, Check, RepairReport, VerifyReport
+from .errors import StateBackupError, StateError
+
+if TYPE_CHECKING:
+    from .state import PipelineState
+
+__all__ = ["backup_infos", "content_at", "repair", "resolve", "verify"]
+
+
+def _records(state: PipelineState) -> list[dict[str, Any]]:
+    out = []
+    for raw in _log.read_lines(state.log_path):
+        record = _log.parse_line(raw)
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def _created(name: str) -> datetime:
+    stamp = name.rsplit("_", 3)[-3:]
+    text = "_".join(stamp).split(".", 1)[0]
+    try:
+        return datetime.strptime(text, "%Y%m%d_%H%M%S_%f").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return datetime.fromtimestamp(0, timezone.utc)
+
+
+def backup_infos(state: PipelineState, limit: int | None = None) -> list[BackupInfo]:
+    """Backups newest first, each with the generation and operation of the version it holds.
+
+    A backup named in a commit record of generation g holds generation g - 1 (the
+    version that commit replaced); failing that, its content hash is looked up.
+    """
+    records = _records(state)
+    by_generation = {r["generation"]: r for r in records if r.get("success") and r.get("sha256")}
+    by_sha = {r["sha256"]: r for r in by_generation.values()}
+    replaced_in = {
+        r["details"]["backup"]: r
+        for r in records
+        if isinstance(r.get("details"), dict) and r["details"].get("backup")
+    }
+    out = []
+    for path in state.backup_manager.list_paths(limit):
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        generation: int | None = None
+        maker = replaced_in.get(path.name)
+        if maker is not None and isinstance(maker.get("generation"), int):
+            # the replacing commit's generation, minus one for commits that advanced it
+            generation = maker["generation"] - (1 if maker.get("sha256") else 0)
+        source = by_generation.get(generation) if generation is not None else None
+        if source is None:
+            with contextlib.suppress(OSError, ValueError, EOFError):
+                digest = hashlib.sha256(state.backup_manager.load(path)).hexdigest()
+                source = by_sha.get(digest)
+                if source is not None:
+                    generation = source.get("generation")
+        out.append(
+            BackupInfo(
+                path=path,
+                generation=generation,
+                created=_created(path.name),
+                size=size,
+                operation=source.get("operation") if source else None,
+                compressed=path.name.endswith(".gz"),
+            )
+        )
+    return out
+
+
+def content_at(state: PipelineState, generation: int) -> dict[str, Any]:
+    """The state as it was at ``generation``, from the current file or a backup.
+
+    Raises:
+        StateBackupError: no backup holds that generation (pruned, or never backed up).
+    """
+    data, version = state.read_versioned()
+    if generation == version:
+        return data
+    for info in backup_infos(state):
+        if info.generation == generation:
+            return _json.decode(state.backup_manager.load(info.path))
+    held = sorted({i.generation for i in backup_infos(state) if i.generation is not None})
+    raise StateBackupError(
+        f"no backup of {state.path} holds generation {generation} (the current one is "
+        f"{version}; backups hold {held or 'none'}): it was pruned or never backed up",
+        path=state.path,
+    )
+
+
+def resolve(state: PipelineState, ref: Any) -> dict[str, Any]:
+    """Turn a diff operand into data: ``"current"``, a generation, a backup, or a dict."""
+    if isinstance(ref, dict):
+        return ref
+    if isinstance(ref, str) and ref == "current":
+        return state.read()
+    if isinstance(ref, int) and not isinstance(ref, bool):
+        return content_at(state, ref)
+    if isinstance(ref, (str, os.PathLike)):
+        backup = state.backup_manager.check(ref)
+        return _json.decode(state.backup_manager.read_checked(backup))
+    if isinstance(ref, BackupInfo):
+        return resolve(state, ref.path)
+    raise TypeError(
+        f"cannot compare {ref!r}: use 'current', a generation (int), a backup path, "
+        "a BackupInfo or a dict"
+    )
+
+
+def verify(state: PipelineState) -> VerifyReport:
+    """Check the state, the log, the backups, stray files and the lock file."""
+    checks: list[Check] = []
+    raw = None
+    try:
+        raw = state._read_bytes()
+        data = state._decode(raw)
+        checks.append(Check("state parses", True, "no state file yet" if raw is None else ""))
+        try:
+            state._validate(data)
+            checks.append(Check("state validates", True, state.schema.__name__))
+        except StateError as exc:
+            checks.append(Check("state validates", False, str(exc)))
+    except StateError as exc:
+        checks.append(Check("state parses", False, str(exc)))
+
+    lines = _log.read_lines(state.log_path)
+    records = [r for r in (_log.parse_line(x) for x in lines) if r is not None]
+    commits = [r for r in records if r.get("success") and r.get("sha256")]
+    if raw is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if not commits:
+            checks.append(Check("state matches log", False, "no commit record in the log"))
+        elif commits[-1]["sha256"] != digest:
+            checks.append(
+                Check(
+                    "state matches log",
+                    False,
+                    f"the file's sha256 {digest[:12]} is not the newest commit's "
+                    f"{commits[-1]['sha256'][:12]} (changed outside the library, or a "
+                    "commit whose record is missing: repair() records it)",
+                )
+            )
+        else:
+            checks.append(
+                Check("state matches log", True, f"generation {commits[-1]['generation']}")
+            )
+
+    checks.append(_check_chain(lines))
+    checks.append(_check_backups(state, commits))
+    checks.append(_check_debris(state))
+    checks.append(_check_lock_file(state))
+    return VerifyReport(state.path, tuple(checks))
+
+
+def _check_chain(lines: list[bytes]) -> Check:
+    problems = []
+    prev_hash = None
+    prev_seq = None
+    torn = 0
+    for i, raw in enumerate(lines):
+        record = _log.parse_line(raw)
+        if record is None:
+            if i == len(lines) - 1:
+                torn = 1
+            else:
+                problems.append(f"line {i + 1} does not parse")
+            prev_hash = _log.line_hash(raw)
+            continue
+        seq = record.get("seq")
+        if prev_seq is not None and seq != prev_seq + 1:
+            problems.append(f"line {i + 1}: seq {seq} after {prev_seq} (a record is missing)")
+        if record.get("prev") != prev_hash:
+            problems.append(f"line {i + 1}: seq {seq} does not chain to the line before (edited?)")
+        prev_seq = seq if isinstance(seq, int) else prev_seq
+        prev_hash = _log.line_hash(raw)
+    if torn:
+        problems.append("the last line is torn (a crash during an append; repair() cuts it)")
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        return Check("log chain intact", False, shown)
+    return Check("log chain intact", True, f"{len(lines)} records")
+
+
+def _check_backups(state: PipelineState, commits: list[dict[str, Any]]) -> Check:
+    known_sha = {r["sha256"] for r in commits}
+    known_ino = {r["stat"][0] for r in commits if isinstance(r.get("stat"), list) and r["stat"]}
+    problems = []
+    paths = state.backup_manager.list_paths(None)
+    for path in paths:
+        try:
+            data = state.backup_manager.load(path)
+            _json.decode(data)
+        except (OSError, ValueError, EOFError) as exc:
+            problems.append(f"{path.name} is unreadable or corrupt ({exc})")
+            continue
+        if commits and hashlib.sha256(data).hexdigest() not in known_sha:
+            ino = path.stat().st_ino
+            detail = "changed after it was made" if ino in known_ino else "matches no commit"
+            problems.append(f"{path.name} {detail}")
+    if len(paths) > state.max_backups:
+        problems.append(f"{len(paths)} backups, more than max_backups={state.max_backups}")
+    if problems:
+        return Check("backups parse and match commits", False, "; ".join(problems[:5]))
+    return Check("backups parse and match commits", True, f"{len(paths)} backups")
+
+
+def _debris(state: PipelineState) -> list[Path]:
+    found = []
+    tmp = temp_path_for(state.path)
+    if os.path.lexists(tmp):
+        found.append(tmp)
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(state.backups_dir):
+            if name.startswith(".") and name.endswith(".tmp"):
+                found.append(state.backups_dir / name)
+    return found
+
+
+def _check_debris(state: PipelineState) -> Check:
+    found = _debris(state)
+    if found:
+        return Check("no orphan temp files", False, ", ".join(str(p) for p in found))
+    return Check("no orphan temp files", True)
+
+
+def _check_lock_file(state: PipelineState) -> Check:
+    try:
+        st = os.lstat(state.lock_path)
+    except FileNotFoundError:
+        return Check("lock file sane", True, "not created yet")
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        return Check("lock file sane", False, f"{state.lock_path} is not a regular file")
+    if st.st_mode & 0o002:
+        return Check("lock file sane", False, f"{state.lock_path} is world-writable")
+    return Check("lock file sane", True)
+
+
+def repair(state: PipelineState) -> RepairReport:
+    """Fix what can be fixed without losing data, as one logged ``recover`` record.
+
+    Cuts a torn log tail, removes orphan temp files, and records a commit whose log
+    record is missing (the transaction machinery does that part on entry). Problems
+    that cannot be fixed without a choice (a corrupt state: restore a backup; an
+    edited log record) are left and reported.
+    """
+    actions: list[str] = []
+    with state._locked_operation("recover") as txn:
+        cut = state._log.repair_tail(durable=state.durability == "full")
+        if cut:
+            actions.append(f"cut a torn tail of {cut} bytes from {state.log_path.name}")
+        for path in _debris(state):
+            with contextlib.suppress(FileNotFoundError):
+                _fs.unlink(str(path))
+                actions.append(f"removed orphan temp file {path}")
+        if txn.details.get("recovered_commit"):
+            actions.append("recorded a commit whose log record was missing")
+        txn.details["actions"] = actions
+    remaining = tuple(c for c in verify(state).checks if not c.ok)
+    return RepairReport(state.path, tuple(actions), remaining)
