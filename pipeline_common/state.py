@@ -46,7 +46,7 @@ from ._backup import BackupManager
 from ._diff import Diff
 from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyReport
 from ._lock import ProcessLock, get_process_lock, read_holder
-from ._log import TransactionLog
+from ._log import Tail, TransactionLog
 from .errors import (
     StateConflictError,
     StateDurabilityError,
@@ -153,7 +153,7 @@ class StateTransaction:
                 self.details["recovered_commit"] = True
             state._migrate_locked(self)
             if self.expect_version is not None:
-                actual = state._log.tail().generation
+                actual = state._tail().generation
                 if actual != self.expect_version:
                     raise StateConflictError(
                         f"{state.path} is at version {actual}, not {self.expect_version}: "
@@ -444,7 +444,7 @@ class PipelineState:
     @property
     def version(self) -> int:
         """The generation of the current state: commits so far (0 before the first)."""
-        return self._log.tail().generation
+        return self._tail().generation
 
     def read_versioned(self) -> tuple[dict[str, Any], int]:
         """Return ``(data, version)`` of one committed state, without a lock.
@@ -456,7 +456,7 @@ class PipelineState:
         deadline = time.monotonic() + 1.0
         while True:
             raw, st = self._read_file()
-            tail = self._log.tail()
+            tail = self._tail()
             last = tail.last_commit
             if raw is None or st is None:
                 return {}, tail.generation
@@ -755,7 +755,7 @@ class PipelineState:
         if raw is None or st is None:
             return _Current(None)
         current = _Current(raw, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
-        last = self._log.tail().last_commit
+        last = self._tail().last_commit
         if (
             last is not None
             and last.get("size") == current.size
@@ -801,8 +801,18 @@ class PipelineState:
         )
         return current
 
+    def _tail(self) -> Tail:
+        try:
+            return self._log.tail()
+        except OSError as exc:
+            raise StateSidecarError(
+                f"cannot read the transaction log {self.log_path} of {self.path}: "
+                f"{exc.strerror}. Check its permissions; the state file is unchanged.",
+                path=self.log_path,
+            ) from exc
+
     def _file_schema_version(self) -> int:
-        last = self._log.tail().last_commit
+        last = self._tail().last_commit
         version = last.get("schema_version") if last else None
         return version if isinstance(version, int) else 1
 
@@ -936,7 +946,7 @@ class PipelineState:
                 "changes": changes,
             },
         )
-        generation = written["generation"] if written else self._log.tail().generation + 1
+        generation = written["generation"] if written else self._tail().generation + 1
         txn._notify = (generation, txn.operation, changes)
         if self.backup_before_write:
             try:
