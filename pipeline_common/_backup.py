@@ -240,6 +240,13 @@ class BackupManager:
             StateBackupError: outside the folder, ``..``, a symlink, a directory, a FIFO,
                 or a name that is not one of this state's backups.
         """
+        if backup_path is None:
+            raise StateBackupError(
+                f"no backup given: {self.state_path} has "
+                f"{'no good backup' if not self.names() else 'backups, see state.list_backups()'}"
+                "; repair the file by hand or move it away to start over",
+                path=self.state_path,
+            )
         given = Path(os.fspath(backup_path))
         candidate = (
             given if given.is_absolute() or len(given.parts) > 1 else self.backups_dir / given

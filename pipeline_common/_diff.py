@@ -115,47 +115,66 @@ def _walk(old: Any, new: Any, path: list[str | int], out: Diff) -> None:
 
 
 _KEY_START = b'\n  "'
+_SPACE = b" \t\r\n"
 
 
-def _top_level_chunks(data: bytes) -> dict[bytes, bytes] | None:
-    """Split canonical (2-space indented) JSON bytes into ``{key bytes: value bytes}``.
+def _top_level_spans(data: bytes) -> dict[bytes, tuple[int, int]] | None:
+    """Find each top-level key's value in canonical (2-space indented) JSON bytes.
 
-    Top-level keys are the only lines starting with exactly two spaces and a quote;
-    strings cannot hold raw newlines, so the split is exact. Returns None when the
-    bytes are not in that form.
+    Returns ``{key bytes: (start, end)}`` offsets into ``data``, copying nothing but
+    the keys: top-level keys are the only lines that start with exactly two spaces
+    and a quote, and strings cannot hold raw newlines, so the scan is exact. Returns
+    None when the bytes are not in that form.
     """
-    if not data.startswith(b"{"):
+    end = len(data)
+    while end and data[end - 1] in _SPACE:
+        end -= 1
+    if not data.startswith(b"{") or end < 2:
         return None
-    body = data.rstrip()
-    if body == b"{}":
+    if end == 2 and data[1:2] == b"}":
         return {}
-    if not body.endswith(b"\n}"):
+    if data[end - 2 : end] != b"\n}":
         return None
-    body = body[1:-2]  # without the braces and the newline before the closing one
-    chunks: dict[bytes, bytes] = {}
-    for piece in body.split(_KEY_START)[1:]:
-        end = piece.find(b'": ')
-        if end < 0:
+    close = end - 2
+    spans: dict[bytes, tuple[int, int]] = {}
+    pos = data.find(_KEY_START, 0, close)
+    while pos >= 0:
+        key_start = pos + len(_KEY_START)
+        key_end = data.find(b'": ', key_start, close)
+        if key_end < 0 or data[key_end - 1] == 0x5C:  # a backslash: an escaped quote
             return None
-        key, value = piece[:end], piece[end + 3 :]
-        if value.endswith(b","):
-            value = value[:-1]
-        chunks[key] = value
-    return chunks
+        nxt = data.find(_KEY_START, key_end, close)
+        value_end = nxt if nxt >= 0 else close
+        if data[value_end - 1] == 0x2C:  # the comma between members
+            value_end -= 1
+        spans[data[key_start:key_end]] = (key_end + 3, value_end)
+        pos = nxt
+    return spans
 
 
 def changed_top_level(old: bytes | None, new: bytes) -> list[str] | None:
     """Pointers of the top-level keys that differ between two committed versions.
 
-    Works on the bytes this library writes; returns None when either side is in
-    another form (a hand-written file), so the caller can say "unknown".
+    Works on the bytes this library writes, comparing spans in place (no copies of
+    large values); returns None when either side is in another form (a hand-written
+    file), so the caller can say "unknown".
     """
-    new_chunks = _top_level_chunks(new)
-    old_chunks: dict[bytes, bytes] | None = {} if old is None else _top_level_chunks(old)
-    if new_chunks is None or old_chunks is None:
+    new_spans = _top_level_spans(new)
+    old_spans: dict[bytes, tuple[int, int]] | None = {} if old is None else _top_level_spans(old)
+    if new_spans is None or old_spans is None:
         return None
-    keys = [k for k in old_chunks if new_chunks.get(k) != old_chunks[k]]
-    keys += [k for k in new_chunks if k not in old_chunks]
+    old = old or b""
+    view = memoryview(new)
+    keys = []
+    for key, (a, b) in old_spans.items():
+        span = new_spans.get(key)
+        if (
+            span is None
+            or span[1] - span[0] != b - a
+            or not old.startswith(view[span[0] : span[1]], a)  # compared in place, no copy
+        ):
+            keys.append(key)
+    keys += [k for k in new_spans if k not in old_spans]
     return [pointer([_unescape(k)]) for k in keys]
 
 

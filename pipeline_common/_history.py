@@ -6,6 +6,8 @@ Plain frozen dataclasses with one-line reprs, so ``state.history()`` and
 
 from __future__ import annotations
 
+import gzip
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -79,6 +81,16 @@ class BackupInfo:
     size: int
     operation: str | None
     compressed: bool = False
+
+    def read_bytes(self) -> bytes:
+        """The state bytes this backup holds (decompressed when ``compressed``)."""
+        data = self.path.read_bytes()
+        return gzip.decompress(data) if self.compressed else data
+
+    def read(self) -> dict[str, Any]:
+        """The state this backup holds, parsed."""
+        value = json.loads(self.read_bytes())
+        return value if isinstance(value, dict) else {}
 
     def __repr__(self) -> str:
         gen = "gen ?" if self.generation is None else f"gen {self.generation}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import orjson
@@ -21,9 +22,14 @@ import pydantic_core
 
 __all__ = ["DecodeError", "EncodeError", "decode", "encode"]
 
-_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_OPTIONS = (
+    orjson.OPT_INDENT_2
+    | orjson.OPT_APPEND_NEWLINE
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
 _BOM = b"\xef\xbb\xbf"
-_NONFINITE_HINT = (b"NaN", b"Infinity")
+_NONFINITE_HINT = re.compile(rb"NaN|Infinity")
 
 
 class EncodeError(ValueError):
@@ -72,10 +78,10 @@ def encode(value: Any) -> bytes:
         try:
             spelled = pydantic_core.to_json(value, inf_nan_mode="constants")
         except Exception:  # noqa: BLE001 - any doubt means: look properly
-            spelled = _NONFINITE_HINT[0]
-        if any(hint in spelled for hint in _NONFINITE_HINT):
+            spelled = b"NaN"
+        if _NONFINITE_HINT.search(spelled):
             _reject_nonfinite(value)
-    return out + b"\n"
+    return out
 
 
 def _encode_stdlib(value: Any) -> bytes:
@@ -100,12 +106,14 @@ def _reject_constant(name: str) -> Any:
     raise DecodeError(f"{name} is not valid JSON")
 
 
-def decode(data: bytes) -> dict[str, Any]:
+def decode(data: bytes, *, trusted: bool = False) -> dict[str, Any]:
     """Parse bytes that must hold one strict JSON object.
 
-    A UTF-8 BOM is accepted. Bytes this library wrote (orjson's canonical form) are
-    checked by re-encoding them, which is cheaper than the stdlib's pair hook; any
-    other text goes through the stdlib parser with duplicate keys and NaN rejected.
+    A UTF-8 BOM is accepted. ``trusted`` bytes (the very file this library committed,
+    recognised by the log) are parsed directly. Other bytes in this library's
+    canonical form are checked by re-encoding them, which is cheaper than the
+    stdlib's pair hook; any other text goes through the stdlib parser with duplicate
+    keys and NaN rejected.
 
     Raises:
         DecodeError: empty, not UTF-8, not JSON, NaN, duplicate keys, too deep, or not
@@ -113,7 +121,7 @@ def decode(data: bytes) -> dict[str, Any]:
     """
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
-    if not data.strip():
+    if not data or data.isspace():
         raise DecodeError("the file is empty")
     try:
         value = orjson.loads(data)
@@ -123,8 +131,10 @@ def decode(data: bytes) -> dict[str, Any]:
         fast_error = None
         if not isinstance(value, dict):
             raise DecodeError(f"the top level is a JSON {_kind(value)}, not an object")
+        if trusted:
+            return value
         try:
-            canonical = orjson.dumps(value, option=_OPTIONS) + b"\n" == data
+            canonical = orjson.dumps(value, option=_OPTIONS) == data
         except TypeError:
             canonical = False
         if canonical:

@@ -83,6 +83,7 @@ class _Current:
     mode: int | None = None
     logged: bool = True  # matches the newest commit record of the log
     recovered: bool = False  # a recover record was appended for it just now
+    trusted: bool = False  # the very file the newest commit record wrote (by stat)
 
 
 class StateTransaction:
@@ -105,12 +106,14 @@ class StateTransaction:
         seed_data: dict[str, Any] | None = None,
         operation: str = "transaction",
         expect_version: int | None = None,
+        backup: bool | None = None,
         _copy_seed: bool = True,
         _payload: bytes | None = None,
         _commit: bool = True,
     ) -> None:
         self.state = state
         self.expect_version = expect_version
+        self.backup = state.backup_before_write if backup is None else backup
         self.validate = validate
         self.operation = operation
         self.details: dict[str, Any] = {}
@@ -168,7 +171,7 @@ class StateTransaction:
             elif self._seed is not None:
                 self.data = copy.deepcopy(self._seed) if self._copy_seed else self._seed
             elif self._commits:
-                self.data = state._decode(self._current.data)
+                self.data = state._decode(self._current.data, trusted=self._current.trusted)
         except BaseException:
             state._clear_active(self)
             state._lock.release()
@@ -335,7 +338,8 @@ class PipelineState:
             StateReadError: the file is empty, corrupt, not UTF-8 or not an object.
             StateValidationError: validation is on and the data fails the schema.
         """
-        data = self._decode(self._read_bytes())
+        raw, st = self._read_file()
+        data = self._decode(raw, trusted=self._is_logged_commit(st))
         if validate or (validate is None and self.validate_on_read):
             self._validate(data)
         return data
@@ -347,6 +351,7 @@ class PipelineState:
         *,
         operation: str = "transaction",
         expect_version: int | None = None,
+        backup: bool | None = None,
     ) -> StateTransaction:
         """Open a transaction: ``with state.transaction() as txn: txn.data[...] = ...``.
 
@@ -356,6 +361,9 @@ class PipelineState:
             operation: The name recorded in the log and in the lock's holder record.
             expect_version: Raise :class:`StateConflictError` before the block runs if
                 the state is no longer at this version (optimistic concurrency).
+            backup: Back up the replaced version (default: ``backup_before_write``).
+                Bookkeeping commits (progress, retry ledgers) pass False, so they do
+                not push real versions out of the ``max_backups`` window.
         """
         return StateTransaction(
             self,
@@ -363,6 +371,7 @@ class PipelineState:
             seed_data=seed_data,
             operation=operation,
             expect_version=expect_version,
+            backup=backup,
         )
 
     def write(self, data: dict[str, Any], validate: bool = True) -> None:
@@ -424,7 +433,11 @@ class PipelineState:
         backup = self.backup_manager.check(backup_path)
         payload = self.backup_manager.read_checked(backup)  # decompressed, parsed once
         if dry_run:
-            return _diff.diff(self.read(), _json.decode(payload))
+            try:
+                current = self.read()
+            except StateReadError:
+                current = {}  # unreadable now: the restore would bring everything back
+            return _diff.diff(current, _json.decode(payload))
         txn = StateTransaction(self, validate=validate, operation="restore", _payload=payload)
         txn.details["restored_from"] = backup.name
         with txn:
@@ -437,7 +450,14 @@ class PipelineState:
         Each has ``seq``, ``timestamp`` (ISO 8601, UTC), ``operation``, ``success``,
         ``details``, ``generation`` and, for commits, ``sha256`` of the committed bytes.
         """
-        return self._log.read(limit)
+        try:
+            return self._log.read(limit)
+        except OSError as exc:
+            raise StateSidecarError(
+                f"cannot read the transaction log {self.log_path} of {self.path}: "
+                f"{exc.strerror}. Check that it is a readable file.",
+                path=self.log_path,
+            ) from exc
 
     # -- history, generations, inspection --------------------------------------
 
@@ -470,7 +490,7 @@ class PipelineState:
 
     def history(self, limit: int = 20) -> list[HistoryRecord]:
         """The newest ``limit`` log records as :class:`HistoryRecord` (one-line reprs)."""
-        return [HistoryRecord.from_raw(r) for r in self._log.read(limit)]
+        return [HistoryRecord.from_raw(r) for r in self.get_transaction_history(limit)]
 
     def backups(self, limit: int | None = None) -> list[BackupInfo]:
         """Backups newest first, as :class:`BackupInfo` (generation, created, size, operation)."""
@@ -709,11 +729,25 @@ class PipelineState:
         finally:
             os.close(fd)
 
-    def _decode(self, raw: bytes | None) -> dict[str, Any]:
+    def _is_logged_commit(self, st: os.stat_result | None) -> bool:
+        """True when ``st`` is the very file the newest commit record wrote."""
+        if st is None:
+            return False
+        try:
+            last = self._log.tail().last_commit
+        except OSError:
+            return False
+        return (
+            last is not None
+            and last.get("size") == st.st_size
+            and last.get("stat") == [st.st_ino, st.st_mtime_ns]
+        )
+
+    def _decode(self, raw: bytes | None, *, trusted: bool = False) -> dict[str, Any]:
         if raw is None:
             return {}
         try:
-            return _json.decode(raw)
+            return _json.decode(raw, trusted=trusted)
         except _json.DecodeError as exc:
             backup = self.backup_manager.newest_good()
             if backup is not None:
@@ -756,16 +790,9 @@ class PipelineState:
             return _Current(None)
         current = _Current(raw, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
         last = self._tail().last_commit
-        if (
-            last is not None
-            and last.get("size") == current.size
-            and last.get("stat")
-            == [
-                current.ino,
-                current.mtime_ns,
-            ]
-        ):
-            return current  # exactly the file our newest record committed: no hashing
+        if self._is_logged_commit(st):
+            current.trusted = True  # exactly the file our newest record committed
+            return current
         digest = hashlib.sha256(raw).hexdigest()
         if last is not None and last.get("sha256") == digest:
             return current
@@ -896,7 +923,7 @@ class PipelineState:
                         path=self.path,
                     ) from exc
             backup = None
-            if current.data is not None and self.backup_before_write:
+            if current.data is not None and txn.backup:
                 backup = self.backup_manager.link_current(
                     corrupt=not current.logged, current=current.data
                 )
@@ -948,7 +975,7 @@ class PipelineState:
         )
         generation = written["generation"] if written else self._tail().generation + 1
         txn._notify = (generation, txn.operation, changes)
-        if self.backup_before_write:
+        if backup is not None:
             try:
                 self.backup_manager.prune()
             except OSError as exc:
