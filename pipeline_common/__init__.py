@@ -22,6 +22,7 @@ from .errors import (
     StateWriteError,
 )
 from .models import PHASE_STATUSES, PhaseRecord, PipelineModel
+from .retry import RetryExhaustedError, RetryHandler
 from .state import PipelineState, StateTransaction
 
 __version__ = "0.1.0"
@@ -39,6 +40,8 @@ __all__ = [
     "PipelineModel",
     "PipelineState",
     "RepairReport",
+    "RetryExhaustedError",
+    "RetryHandler",
     "StateBackupError",
     "StateConflictError",
     "StateDurabilityError",
