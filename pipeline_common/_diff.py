@@ -7,6 +7,7 @@ a full structural diff for people at a REPL.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,9 @@ def _walk(old: Any, new: Any, path: list[str | int], out: Diff) -> None:
 
 
 _KEY_START = b'\n  "'
+# A JSON string's body up to its closing quote, then the member separator: an escaped
+# quote or backslash inside the key (\" or \\) cannot end it.
+_KEY_BODY = re.compile(rb'(?:[^"\\\n]|\\.)*": ')
 _SPACE = b" \t\r\n"
 
 
@@ -140,9 +144,10 @@ def _top_level_spans(data: bytes) -> dict[bytes, tuple[int, int]] | None:
     pos = data.find(_KEY_START, 0, close)
     while pos >= 0:
         key_start = pos + len(_KEY_START)
-        key_end = data.find(b'": ', key_start, close)
-        if key_end < 0 or data[key_end - 1] == 0x5C:  # a backslash: an escaped quote
+        match = _KEY_BODY.match(data, key_start, close)
+        if match is None:
             return None
+        key_end = match.end() - 3
         nxt = data.find(_KEY_START, key_end, close)
         value_end = nxt if nxt >= 0 else close
         if data[value_end - 1] == 0x2C:  # the comma between members

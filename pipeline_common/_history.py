@@ -67,7 +67,7 @@ class HistoryRecord:
             parts.append(f"changed {shown}")
         error = self.details.get("error")
         if error:
-            parts.append(f"error: {str(error)[:80]}")
+            parts.append(f"error: {' '.join(str(error).split())[:80]}")  # one line, always
         return "<" + " ".join(parts) + ">"
 
 

@@ -136,7 +136,7 @@ class ProcessLock:
         except BaseException:
             self._threads.release()
             raise
-        since = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        since = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
         self._held_by = (os.getpid(), threading.get_ident(), since, operation)
         self._write_holder(since, operation)
 

@@ -129,6 +129,8 @@ class StateTransaction:
         self._entered = False
         self._t0 = 0.0
         self._notify: tuple[int, str, list[str] | None] | None = None
+        self._migrated: tuple[int, str, list[str] | None] | None = None  # its hook is due too
+        self._log_it = True
 
     @property
     def nested(self) -> bool:
@@ -175,6 +177,8 @@ class StateTransaction:
         except BaseException:
             state._clear_active(self)
             state._lock.release()
+            if self._migrated is not None:  # the migration committed even so
+                state._fire_hooks(*self._migrated)
             raise
         return self
 
@@ -219,13 +223,19 @@ class StateTransaction:
                 return
             if self._commits:
                 state._commit(self)
-            else:
+            elif self._log_it:
                 state._log_quietly(self, success=True)
         finally:
             state._clear_active(self)
             state._lock.release()
+            if self._migrated is not None:  # committed in __enter__, whatever the block did
+                state._fire_hooks(*self._migrated)
         if self._notify is not None:
             state._fire_hooks(*self._notify)
+
+    def skip_log(self) -> None:
+        """Write no log record for this transaction (it changed nothing worth one)."""
+        self._log_it = False
 
 
 def _snapshot(data: dict[str, Any]) -> bytes | dict[str, Any]:
@@ -264,8 +274,9 @@ class PipelineState:
             place). A file with no recorded version counts as version 1.
         durability: ``"full"`` (default) fsyncs the file, its folder, the backups
             folder and the log: an acknowledged commit survives a power loss.
-            ``"atomic"`` skips every fsync: never torn, but a power loss may take the
-            newest commits back (tests, tmpfs, scratch runs).
+            ``"atomic"`` skips every fsync: a process crash still never leaves a torn
+            file, but a power loss may take the newest commits back, and on some file
+            systems leave an empty state file (tests, tmpfs, scratch runs).
         compress_backups: Store backups gzip-compressed as ``.json.gz`` (a copy, not
             a hard link, so it costs time at every commit).
 
@@ -466,14 +477,15 @@ class PipelineState:
         """The generation of the current state: commits so far (0 before the first)."""
         return self._tail().generation
 
-    def read_versioned(self) -> tuple[dict[str, Any], int]:
+    def read_versioned(self, *, wait: float = 1.0) -> tuple[dict[str, Any], int]:
         """Return ``(data, version)`` of one committed state, without a lock.
 
         The version is matched to the bytes read (by the file's identity as the log
         recorded it), so the pair never mixes two commits; a commit whose record is
-        still being appended is waited for briefly.
+        still being appended is waited for, up to ``wait`` seconds. A file changed
+        outside the library gets the log's newest version after that wait.
         """
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + wait
         while True:
             raw, st = self._read_file()
             tail = self._tail()
@@ -895,6 +907,7 @@ class PipelineState:
         txn._current = self._read_current_locked()
         if migration._notify is not None:
             txn.details["migrated"] = migration.details
+            txn._migrated = migration._notify
 
     def _commit(self, txn: StateTransaction) -> None:
         current = txn._current
