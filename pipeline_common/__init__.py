@@ -22,6 +22,7 @@ from .errors import (
     StateWriteError,
 )
 from .models import PHASE_STATUSES, PhaseRecord, PipelineModel
+from .progress import ProgressError, ProgressTracker, StageProgress
 from .retry import RetryExhaustedError, RetryHandler
 from .state import PipelineState, StateTransaction
 
@@ -39,9 +40,12 @@ __all__ = [
     "PhaseRecord",
     "PipelineModel",
     "PipelineState",
+    "ProgressError",
+    "ProgressTracker",
     "RepairReport",
     "RetryExhaustedError",
     "RetryHandler",
+    "StageProgress",
     "StateBackupError",
     "StateConflictError",
     "StateDurabilityError",
