@@ -20,7 +20,15 @@ from typing import Any
 import orjson
 import pydantic_core
 
-__all__ = ["DecodeError", "EncodeError", "decode", "encode"]
+__all__ = ["DecodeError", "EncodeError", "decode", "encode", "encode_ex", "has_long_integers"]
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def has_long_integers(data: bytes) -> bool:
+    """True when ``data`` may hold an integer orjson would read back as a float."""
+    return _LONG_DIGITS.search(data) is not None
+
 
 _OPTIONS = (
     orjson.OPT_INDENT_2
@@ -57,7 +65,15 @@ def _reject_nonfinite(value: Any) -> None:
 
 
 def encode(value: Any) -> bytes:
-    """Serialize ``value`` to indented, newline-terminated UTF-8 JSON.
+    """Serialize ``value`` to indented, newline-terminated UTF-8 JSON (see :func:`encode_ex`)."""
+    return encode_ex(value)[0]
+
+
+def encode_ex(value: Any) -> tuple[bytes, bool]:
+    """Serialize ``value``; also say whether it holds integers beyond 64 bits.
+
+    Such integers are written exactly, but orjson would read them back as floats, so a
+    reader must not take the fast path for those bytes.
 
     Raises:
         EncodeError: NaN/Infinity, a non-string key, a cycle, a lone surrogate, or a
@@ -68,7 +84,7 @@ def encode(value: Any) -> bytes:
     except TypeError as exc:
         text = str(exc)
         if "64-bit" in text:
-            return _encode_stdlib(value)
+            return _encode_stdlib(value), True
         if "Recursion limit" in text:
             raise EncodeError("the data is nested too deeply or contains a cycle") from exc
         raise EncodeError(text) from exc
@@ -81,11 +97,32 @@ def encode(value: Any) -> bytes:
             spelled = b"NaN"
         if _NONFINITE_HINT.search(spelled):
             _reject_nonfinite(value)
-    return out
+    return out, False
+
+
+def _reject_non_string_keys(value: Any) -> None:
+    # json.dumps would turn int/float/bool/None keys into strings, possibly colliding
+    # with a real string key: refuse them, as orjson does.
+    stack: list[Any] = [value]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) in seen:
+                continue  # a cycle: json.dumps reports it
+            seen.add(id(item))
+        if isinstance(item, dict):
+            for key, val in item.items():
+                if not isinstance(key, str):
+                    raise EncodeError(f"Dict key must be str, not {type(key).__name__}")
+                stack.append(val)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _encode_stdlib(value: Any) -> bytes:
     # Only for integers beyond 64 bits, which orjson refuses and json writes exactly.
+    _reject_non_string_keys(value)
     try:
         text = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
         return text.encode("utf-8") + b"\n"

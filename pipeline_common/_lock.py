@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -76,17 +77,28 @@ class _Waiter:
 
 
 def _open_lock_file(path: str, mode: int) -> int:
+    # O_NONBLOCK: a FIFO planted at the path must not hang the open; it is refused below.
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return _fs.open_file(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, mode)
-    except PermissionError:
-        # Another user's lock file we may only read: flock works on a read-only fd.
-        return _fs.open_file(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd = _fs.open_file(path, os.O_RDWR | flags, mode)
+        except PermissionError:
+            # Another user's lock file we may only read: flock works on a read-only fd.
+            fd = _fs.open_file(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise StateSidecarError(
             f"cannot open the lock file {path}: {exc.strerror}; it must be a regular file "
             "(remove whatever is at that path; a lock file holds no data)",
             path=path,
         ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StateSidecarError(
+            f"the lock file {path} is not a regular file; remove whatever is at that path "
+            "(a lock file holds no data) and run again",
+            path=path,
+        )
+    return fd
 
 
 def read_holder(lock_path: str | Path) -> dict[str, Any] | None:

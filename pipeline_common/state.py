@@ -316,6 +316,7 @@ class PipelineState:
         self.durability = durability
         self._hooks: list[Callable[[int, str, list[str] | None], None]] = []
         self._hooks_guard = threading.Lock()
+        self._owner_checked = 0  # pid that checked .<stem>/owner
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.sidecar_dir = self.path.parent / f".{self.path.stem}"
         self.backups_dir = self.sidecar_dir / "backups"
@@ -705,6 +706,51 @@ class PipelineState:
                     "refuses to follow it. Move it away and run again.",
                     path=folder,
                 )
+        if self._owner_checked != os.getpid():
+            self._check_owner()
+            self._owner_checked = os.getpid()
+
+    def _check_owner(self) -> None:
+        """Claim ``.<stem>/`` for this state file, or refuse one claimed by another.
+
+        ``pipeline.json`` and ``pipeline.yaml`` in one folder share the stem, so they
+        would share backups and log; the first to commit owns the folder.
+        """
+        from . import _fs
+
+        owner = self.sidecar_dir / "owner"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd = _fs.open_file(str(owner), flags, self._file_mode)
+        except FileExistsError:
+            try:
+                claimed = owner.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise StateSidecarError(
+                    f"cannot read {owner}: {exc}; it names the state file that owns "
+                    f"{self.sidecar_dir}. Write {self.path.name!r} into it if this one does.",
+                    path=owner,
+                ) from exc
+            if claimed and claimed != self.path.name:
+                raise StateSidecarError(
+                    f"{self.sidecar_dir} holds the backups and log of {claimed!r}, not of "
+                    f"{self.path.name!r}: two state files with the stem {self.path.stem!r} in "
+                    "one folder would share them. Rename one of the two files.",
+                    path=self.sidecar_dir,
+                ) from None
+            return
+        except OSError as exc:
+            raise StateWriteError(
+                f"cannot create {owner} for {self.path}: {exc.strerror}; the state file is "
+                "unchanged.",
+                path=self.path,
+                step="create sidecar owner file",
+                errno=exc.errno,
+            ) from exc
+        try:
+            _fs.write_all(fd, (self.path.name + "\n").encode("utf-8"), str(owner))
+        finally:
+            os.close(fd)
 
     def _read_bytes(self) -> bytes | None:
         return self._read_file()[0]
@@ -753,6 +799,7 @@ class PipelineState:
             last is not None
             and last.get("size") == st.st_size
             and last.get("stat") == [st.st_ino, st.st_mtime_ns]
+            and not last.get("long_integers")  # orjson would read those as floats
         )
 
     def _decode(self, raw: bytes | None, *, trusted: bool = False) -> dict[str, Any]:
@@ -915,6 +962,7 @@ class PipelineState:
         try:
             if txn._payload is not None:
                 payload = txn._payload
+                long_ints = _json.has_long_integers(payload)
                 if txn.validate:
                     self._validate(_json.decode(payload))
             else:
@@ -924,10 +972,10 @@ class PipelineState:
                         f"not {type(txn.data).__name__}; nothing was written",
                         path=self.path,
                     )
-                if txn.validate:
-                    self._validate(txn.data)
+                # Serialize first: data that is not JSON gets its own error, not a
+                # schema complaint about the same thing.
                 try:
-                    payload = _json.encode(txn.data)
+                    payload, long_ints = _json.encode_ex(txn.data)
                 except _json.EncodeError as exc:
                     raise StateSerializationError(
                         f"the new state for {self.path} is not strict JSON: {exc}. Nothing was "
@@ -935,6 +983,8 @@ class PipelineState:
                         "numbers, booleans and None.",
                         path=self.path,
                     ) from exc
+                if txn.validate:
+                    self._validate(txn.data)
             backup = None
             if current.data is not None and txn.backup:
                 backup = self.backup_manager.link_current(
@@ -967,6 +1017,7 @@ class PipelineState:
                     "sha256": hashlib.sha256(payload).hexdigest(),
                     "size": st.st_size,
                     "stat": [st.st_ino, st.st_mtime_ns],
+                    **({"long_integers": True} if long_ints else {}),
                 },
             )
             raise
@@ -984,6 +1035,7 @@ class PipelineState:
                 "size": committed.size,
                 "stat": [committed.ino, committed.mtime_ns],
                 "changes": changes,
+                **({"long_integers": True} if long_ints else {}),
             },
         )
         generation = written["generation"] if written else self._tail().generation + 1
