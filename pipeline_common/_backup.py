@@ -135,9 +135,17 @@ class BackupManager:
         if not os.path.lexists(self.state_path):
             return None
         existing = self.names()
+        # Crashes in a row each leave one backup beyond the window (a crash lands before
+        # the pruning step): drop those first, so they never pile up. The window itself
+        # is pruned only after the commit.
+        excess = max(len(existing) - self.max_backups, 0)
+        for name in existing[:excess]:
+            with contextlib.suppress(FileNotFoundError):
+                _fs.unlink(str(self.backups_dir / name))
+        existing = existing[excess:]
         compress = self.compress and not corrupt
         suffix = ".json.corrupt" if corrupt else (".json.gz" if compress else ".json.bak")
-        for _ in range(1000):
+        for _ in range(100):
             name = self._next_name(existing, suffix)
             target = self.backups_dir / name
             try:
@@ -160,8 +168,10 @@ class BackupManager:
                     step="link backup",
                     errno=exc.errno,
                 ) from exc
-        raise StateWriteError(  # pragma: no cover - 1000 name collisions in a row
-            f"could not find a free backup name in {self.backups_dir}",
+        raise StateWriteError(  # 100 name collisions in a row
+            f"could not back up {self.state_path}: every backup name tried in "
+            f"{self.backups_dir} already exists (link keeps failing with EEXIST); the state "
+            "file is unchanged. Check the backups folder.",
             path=self.state_path,
             step="link backup",
         )

@@ -87,8 +87,9 @@ def _open_lock_file(path: str, mode: int) -> int:
             fd = _fs.open_file(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise StateSidecarError(
-            f"cannot open the lock file {path}: {exc.strerror}; it must be a regular file "
-            "(remove whatever is at that path; a lock file holds no data)",
+            f"cannot open the lock file {path}: {exc.strerror}. It must be a regular file "
+            "this user can open (a lock file holds no data: whatever is at that path can "
+            "be removed when no pipeline runs)",
             path=path,
         ) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -174,6 +175,8 @@ class ProcessLock:
             return
         except BlockingIOError:
             pass
+        except OSError as exc:
+            raise self._flock_error(exc, timeout, state_path) from exc
         remaining = None if timeout is None else timeout - (time.monotonic() - start)
         if remaining is not None and remaining <= 0:
             raise self._timeout_error(timeout, read_holder(path), state_path)
@@ -184,6 +187,10 @@ class ProcessLock:
             if fd is None:
                 raise self._timeout_error(timeout, read_holder(path), state_path)
         if waiter.error is not None:
+            if isinstance(waiter.error, OSError) and not isinstance(
+                waiter.error, StateSidecarError
+            ):
+                raise self._flock_error(waiter.error, timeout, state_path) from waiter.error
             raise waiter.error
         assert waiter.fd is not None
         # Keep the descriptor that holds the lock; the idle one is closed.
@@ -214,7 +221,15 @@ class ProcessLock:
                 assert self._fd is not None
                 with contextlib.suppress(OSError):  # a read-only lock file keeps no record
                     os.ftruncate(self._fd, 0)
-                _fs.flock(self._fd, fcntl.LOCK_UN, str(self.path))
+                try:
+                    _fs.flock(self._fd, fcntl.LOCK_UN, str(self.path))
+                except BaseException as exc:
+                    # Closing the descriptor releases the flock too: never stay locked.
+                    fd, self._fd = self._fd, None
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    if not isinstance(exc, OSError):
+                        raise
         finally:
             self._threads.release()
 
@@ -234,6 +249,16 @@ class ProcessLock:
             os.ftruncate(self._fd, len(record))
         except OSError:
             pass  # informational only; a read-only lock file still locks
+
+    def _flock_error(self, exc: OSError, timeout: float | None, state_path: Path) -> StateLockError:
+        return StateLockError(
+            f"could not lock {state_path}: flock on {self.path} failed ({exc.strerror or exc}); "
+            "the lock file must be on a local file system that supports flock. Nothing was "
+            "changed.",
+            path=state_path,
+            lock_file=self.path,
+            timeout=timeout,
+        )
 
     def _timeout_error(
         self,

@@ -138,14 +138,18 @@ class TransactionLog:
         raw = line.encode("utf-8")
         path = str(self.path)
         new_file = not os.path.exists(path)
-        fd = _fs.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, self.mode)
+        # Read-write: the tail checks below read the file through this descriptor.
+        fd = _fs.open_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, self.mode)
         try:
             prefix = b""
             if tail.clean_size >= 0 and tail.size > tail.clean_size:
                 # Cut a torn or garbage tail back to the last complete record.
                 _fs.ftruncate(fd, tail.clean_size, path)
-            elif tail.clean_size < 0 and tail.size > 0 and not _ends_with_newline(fd):
-                prefix = b"\n"  # no record parses at all: keep the bytes, start a new line
+            elif tail.clean_size < 0 and tail.size > 0:
+                if b"\n" not in os.pread(fd, tail.size, 0):
+                    _fs.ftruncate(fd, 0, path)  # the torn first append of a crashed writer
+                elif not _ends_with_newline(fd):
+                    prefix = b"\n"  # no record parses at all: keep the bytes, start a new line
             _fs.write_all(fd, prefix + raw + b"\n", path)
             if durable:
                 _fs.fdatasync(fd, path)

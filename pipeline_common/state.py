@@ -39,7 +39,7 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import _diff, _inspect, _json
+from . import _diff, _fs, _inspect, _json
 from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
@@ -174,7 +174,11 @@ class StateTransaction:
                 self.data = copy.deepcopy(self._seed) if self._copy_seed else self._seed
             elif self._commits:
                 self.data = state._decode(self._current.data, trusted=self._current.trusted)
-        except BaseException:
+        except BaseException as exc:
+            # Under the lock, so the log may be written: record the refusal (a corrupt
+            # state, a conflict, a failing step), unless the sidecars are what failed.
+            if not isinstance(exc, StateSidecarError) and state.sidecar_dir.is_dir():
+                state._log_quietly(self, success=False, error=f"{type(exc).__name__}: {exc}")
             state._clear_active(self)
             state._lock.release()
             if self._migrated is not None:  # the migration committed even so
@@ -676,8 +680,6 @@ class PipelineState:
 
     def _prepare_sidecars(self) -> None:
         """Create ``.<stem>/`` and ``backups/`` if needed; refuse symlinked ones."""
-        from . import _fs
-
         for folder in (self.sidecar_dir, self.backups_dir):
             try:
                 st = os.lstat(folder)
@@ -716,29 +718,47 @@ class PipelineState:
         ``pipeline.json`` and ``pipeline.yaml`` in one folder share the stem, so they
         would share backups and log; the first to commit owns the folder.
         """
-        from . import _fs
-
         owner = self.sidecar_dir / "owner"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
-            fd = _fs.open_file(str(owner), flags, self._file_mode)
-        except FileExistsError:
+            claimed: str | None = owner.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            claimed = None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateSidecarError(
+                f"cannot read {owner}: {exc}; it names the state file that owns "
+                f"{self.sidecar_dir}. Write {self.path.name!r} into it if this one does.",
+                path=owner,
+            ) from exc
+        if claimed is None:
+            claimed = self._claim_owner(owner)
+        if claimed != self.path.name:
+            raise StateSidecarError(
+                f"{self.sidecar_dir} holds the backups and log of {claimed!r}, not of "
+                f"{self.path.name!r}: two state files with the stem {self.path.stem!r} in "
+                "one folder would share them. Rename one of the two files.",
+                path=self.sidecar_dir,
+            )
+
+    def _claim_owner(self, owner: Path) -> str:
+        """Create ``owner`` whole or not at all (temp, fsync, link); return the claim."""
+        tmp = str(owner.with_name(".owner.tmp"))
+        try:
+            fd = _fs.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             try:
-                claimed = owner.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise StateSidecarError(
-                    f"cannot read {owner}: {exc}; it names the state file that owns "
-                    f"{self.sidecar_dir}. Write {self.path.name!r} into it if this one does.",
-                    path=owner,
-                ) from exc
-            if claimed and claimed != self.path.name:
-                raise StateSidecarError(
-                    f"{self.sidecar_dir} holds the backups and log of {claimed!r}, not of "
-                    f"{self.path.name!r}: two state files with the stem {self.path.stem!r} in "
-                    "one folder would share them. Rename one of the two files.",
-                    path=self.sidecar_dir,
-                ) from None
-            return
+                _fs.write_all(fd, (self.path.name + "\n").encode("utf-8"), tmp)
+                if self.durability == "full":
+                    _fs.fsync(fd, tmp)
+            finally:
+                os.close(fd)
+            try:
+                _fs.link(tmp, str(owner))  # fails rather than overwrite another's claim
+            except FileExistsError:
+                return owner.read_text(encoding="utf-8").strip()
+            finally:
+                with contextlib.suppress(OSError):
+                    _fs.unlink(tmp)
+            if self.durability == "full":
+                _fs.fsync_dir(str(self.sidecar_dir))
         except OSError as exc:
             raise StateWriteError(
                 f"cannot create {owner} for {self.path}: {exc.strerror}; the state file is "
@@ -747,10 +767,7 @@ class PipelineState:
                 step="create sidecar owner file",
                 errno=exc.errno,
             ) from exc
-        try:
-            _fs.write_all(fd, (self.path.name + "\n").encode("utf-8"), str(owner))
-        finally:
-            os.close(fd)
+        return self.path.name
 
     def _read_bytes(self) -> bytes | None:
         return self._read_file()[0]

@@ -139,7 +139,12 @@ def test_two_processes_racing_with_expect_version_exactly_one_wins(
     assert sorted(outputs.values()) == ["conflict 1 2", "won"]
     winner = next(name for name, out in outputs.items() if out == "won")
     assert state.read_versioned() == ({"winner": winner}, 2)
-    assert state.history(1)[0].operation == winner
+    records = state.history(5)
+    assert next(r for r in records if r.success).operation == winner
+    # The loser's refusal is in the audit trail, and it committed nothing.
+    loser = [r for r in records if not r.success]
+    assert len(loser) == 1
+    assert "StateConflictError" in loser[0].details["error"]
 
 
 # -- history() ------------------------------------------------------------------------

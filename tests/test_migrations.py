@@ -11,11 +11,15 @@ import pytest
 from pipeline_common import PipelineState, StateSchemaError
 
 
-def snapshot(state: PipelineState) -> tuple[bytes, bytes, list[str]]:
-    """The state's bytes, the log's bytes and the backup names."""
+def snapshot(state: PipelineState) -> tuple[bytes, list[bytes], list[str]]:
+    """The state's bytes, the log's successful records and the backup names.
+
+    A refused transaction may append a ``success: false`` record (the audit trail of
+    the refusal); it never adds or changes a successful one.
+    """
     return (
         state.path.read_bytes(),
-        state.log_path.read_bytes(),
+        [line for line in state.log_path.read_bytes().splitlines() if b'"success":true' in line],
         [p.name for p in state.list_backups(None)],
     )
 
@@ -132,6 +136,9 @@ def test_a_missing_migration_step_changes_nothing(v1_file: Path) -> None:
     assert (info.value.file_version, info.value.code_version) == (1, 3)
     assert snapshot(state) == before
     assert state.version == 1
+    refusal = state.history(1)[0]
+    assert not refusal.success
+    assert "StateSchemaError" in refusal.details["error"]
 
 
 def test_a_raising_migration_changes_nothing_and_keeps_the_cause(v1_file: Path) -> None:
