@@ -1,4 +1,4 @@
-"""Shared fixtures of the crash-safety suite; slow (nightly) tests run only with PIPELINE_SLOW=1."""
+"""Shared fixtures of the crash-safety suite (slow nightly sizes: ``pytest -m slow``)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,6 @@ from collections.abc import Iterator
 import pytest
 
 from pipeline_common import _fs, _lock
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked slow unless PIPELINE_SLOW=1 (the nightly job sets it)."""
-    if os.environ.get("PIPELINE_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="nightly size: set PIPELINE_SLOW=1 to run")
-    for item in items:
-        if "slow" in item.keywords and "tests/crash" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
