@@ -157,15 +157,34 @@ def _top_level_spans(data: bytes) -> dict[bytes, tuple[int, int]] | None:
     return spans
 
 
-def changed_top_level(old: bytes | None, new: bytes) -> list[str] | None:
+Spans = dict[bytes, tuple[int, int]]
+
+
+def top_level_spans(data: bytes) -> Spans | None:
+    """Public name of the span scan, for the encoder and the commit path."""
+    return _top_level_spans(data)
+
+
+def changed_top_level(
+    old: bytes | None,
+    new: bytes,
+    *,
+    old_spans: Spans | None = None,
+    new_spans: Spans | None = None,
+) -> list[str] | None:
     """Pointers of the top-level keys that differ between two committed versions.
 
     Works on the bytes this library writes, comparing spans in place (no copies of
     large values); returns None when either side is in another form (a hand-written
-    file), so the caller can say "unknown".
+    file), so the caller can say "unknown". Spans already known (from the encoder, or
+    cached from the previous commit) are passed in to skip a scan of 10 MB.
     """
-    new_spans = _top_level_spans(new)
-    old_spans: dict[bytes, tuple[int, int]] | None = {} if old is None else _top_level_spans(old)
+    if new_spans is None:
+        new_spans = _top_level_spans(new)
+    if old is None:
+        old_spans = {}
+    elif old_spans is None:
+        old_spans = _top_level_spans(old)
     if new_spans is None or old_spans is None:
         return None
     old = old or b""

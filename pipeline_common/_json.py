@@ -15,12 +15,24 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pydantic_core
 
-__all__ = ["DecodeError", "EncodeError", "decode", "encode", "encode_ex", "has_long_integers"]
+from . import _diff
+
+__all__ = [
+    "DecodeError",
+    "EncodeError",
+    "Encoded",
+    "decode",
+    "encode",
+    "encode_ex",
+    "encode_full",
+    "has_long_integers",
+]
 
 _LONG_DIGITS = re.compile(rb"\d{19}")
 
@@ -37,7 +49,6 @@ _OPTIONS = (
     | orjson.OPT_PASSTHROUGH_DATACLASS
 )
 _BOM = b"\xef\xbb\xbf"
-_NONFINITE_HINT = re.compile(rb"NaN|Infinity")
 
 
 class EncodeError(ValueError):
@@ -69,11 +80,25 @@ def encode(value: Any) -> bytes:
     return encode_ex(value)[0]
 
 
-def encode_ex(value: Any) -> tuple[bytes, bool]:
-    """Serialize ``value``; also say whether it holds integers beyond 64 bits.
+@dataclass(frozen=True)
+class Encoded:
+    """Serialized state: the bytes, whether they hold integers beyond 64 bits (orjson
+    would read those back as floats, so readers must take the exact path), and the
+    top-level value spans (None when not in canonical form)."""
 
-    Such integers are written exactly, but orjson would read them back as floats, so a
-    reader must not take the fast path for those bytes.
+    data: bytes
+    long_ints: bool
+    spans: _diff.Spans | None
+
+
+def encode_ex(value: Any) -> tuple[bytes, bool]:
+    """Serialize ``value``; also say whether it holds integers beyond 64 bits."""
+    encoded = encode_full(value)
+    return encoded.data, encoded.long_ints
+
+
+def encode_full(value: Any) -> Encoded:
+    """Serialize ``value`` with everything the commit path needs to know about it.
 
     Raises:
         EncodeError: NaN/Infinity, a non-string key, a cycle, a lone surrogate, or a
@@ -84,20 +109,32 @@ def encode_ex(value: Any) -> tuple[bytes, bool]:
     except TypeError as exc:
         text = str(exc)
         if "64-bit" in text:
-            return _encode_stdlib(value), True
+            data = _encode_stdlib(value)
+            return Encoded(data, True, _diff.top_level_spans(data))
         if "Recursion limit" in text:
             raise EncodeError("the data is nested too deeply or contains a cycle") from exc
         raise EncodeError(text) from exc
-    # NaN and Infinity come out of orjson as null, so only output with a null can hide
-    # one; a second, Rust-speed encoding that spells them out tells whether to look.
+    spans = _diff.top_level_spans(out) if isinstance(value, dict) else None
+    # NaN and Infinity come out of orjson as null, so only a value whose output holds a
+    # null can hide one: look closer at those top-level values alone.
     if b"null" in out:
-        try:
-            spelled = pydantic_core.to_json(value, inf_nan_mode="constants")
-        except Exception:  # noqa: BLE001 - any doubt means: look properly
-            spelled = b"NaN"
-        if _NONFINITE_HINT.search(spelled):
-            _reject_nonfinite(value)
-    return out, False
+        if spans is not None and len(spans) == len(value):
+            for (key, item), (start, end) in zip(value.items(), spans.values(), strict=True):
+                if out.find(b"null", start, end) >= 0:
+                    _check_finite({key: item})
+        else:
+            _check_finite(value)
+    return Encoded(out, False, spans)
+
+
+def _check_finite(value: Any) -> None:
+    # A second, Rust-speed encoding spells NaN/Infinity out; only then walk in Python.
+    try:
+        spelled = pydantic_core.to_json(value, inf_nan_mode="constants")
+    except Exception:  # noqa: BLE001 - any doubt means: look properly
+        spelled = b"NaN"
+    if b"NaN" in spelled or b"Infinity" in spelled:
+        _reject_nonfinite(value)
 
 
 def _reject_non_string_keys(value: Any) -> None:

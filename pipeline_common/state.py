@@ -321,6 +321,7 @@ class PipelineState:
         self._hooks: list[Callable[[int, str, list[str] | None], None]] = []
         self._hooks_guard = threading.Lock()
         self._owner_checked = 0  # pid that checked .<stem>/owner
+        self._committed_spans: tuple[tuple[int, int], _diff.Spans] | None = None
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.sidecar_dir = self.path.parent / f".{self.path.stem}"
         self.backups_dir = self.sidecar_dir / "backups"
@@ -977,6 +978,7 @@ class PipelineState:
         current = txn._current
         assert current is not None
         try:
+            new_spans: _diff.Spans | None = None
             if txn._payload is not None:
                 payload = txn._payload
                 long_ints = _json.has_long_integers(payload)
@@ -992,7 +994,7 @@ class PipelineState:
                 # Serialize first: data that is not JSON gets its own error, not a
                 # schema complaint about the same thing.
                 try:
-                    payload, long_ints = _json.encode_ex(txn.data)
+                    encoded = _json.encode_full(txn.data)
                 except _json.EncodeError as exc:
                     raise StateSerializationError(
                         f"the new state for {self.path} is not strict JSON: {exc}. Nothing was "
@@ -1000,6 +1002,7 @@ class PipelineState:
                         "numbers, booleans and None.",
                         path=self.path,
                     ) from exc
+                payload, long_ints, new_spans = encoded.data, encoded.long_ints, encoded.spans
                 if txn.validate:
                     self._validate(txn.data)
             backup = None
@@ -1043,7 +1046,19 @@ class PipelineState:
             self._log_quietly(txn, success=False, error=f"{type(exc).__name__}: {exc}", step=step)
             raise
         digest = hashlib.sha256(payload).hexdigest()
-        changes = _diff.changed_top_level(current.data, payload)
+        cached = self._committed_spans
+        old_spans = (
+            cached[1]
+            if cached is not None
+            and current.trusted
+            and cached[0] == (current.ino, current.mtime_ns)
+            else None
+        )
+        changes = _diff.changed_top_level(
+            current.data, payload, old_spans=old_spans, new_spans=new_spans
+        )
+        if new_spans is not None:  # the next commit's "old" side, while the file stays ours
+            self._committed_spans = ((committed.ino, committed.mtime_ns), new_spans)
         written = self._log_quietly(
             txn,
             success=True,
