@@ -24,11 +24,11 @@ import socket
 import stat
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import _fs
+from ._time import now_iso
 from .errors import StateLockError, StateSidecarError
 
 __all__ = ["ProcessLock", "get_process_lock", "read_holder"]
@@ -149,7 +149,7 @@ class ProcessLock:
         except BaseException:
             self._threads.release()
             raise
-        since = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        since = now_iso()
         self._held_by = (os.getpid(), threading.get_ident(), since, operation)
         self._write_holder(since, operation)
 

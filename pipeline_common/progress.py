@@ -34,11 +34,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from ._time import iso as _iso
+from ._time import parse_iso as _parse_iso
 from .errors import StateError
 from .state import PipelineState
 
@@ -77,20 +78,6 @@ class _Live:
     message: str | None
     mono: float  # monotonic time of the newest update
     dirty: bool = False
-
-
-def _iso(ts: float) -> str:
-    text = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
-    return text.replace("+00:00", "Z")
-
-
-def _ts(text: object) -> float | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _num(value: object) -> float | None:
@@ -838,12 +825,12 @@ class ProgressTracker:
         current = _num(progress.get("current")) or 0
         total = _num(progress.get("total"))
         message = progress.get("message")
-        updated = _ts(progress.get("updated_at"))
+        updated = _parse_iso(progress.get("updated_at"))
         if unwritten is not None and status == "running":
             current, total, message, updated = unwritten
-        started = _ts(progress.get("started_at"))
-        finished = _ts(progress.get("finished_at"))
-        resumed = _ts(progress.get("resumed_at"))
+        started = _parse_iso(progress.get("started_at"))
+        finished = _parse_iso(progress.get("finished_at"))
+        resumed = _parse_iso(progress.get("resumed_at"))
         resumed_from = _num(progress.get("resumed_from")) or 0
         if status in _DONE:
             percent = 100.0

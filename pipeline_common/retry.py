@@ -37,9 +37,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar, cast
+
+from ._time import iso as _iso
+from ._time import parse_iso as _parse_iso
 
 if TYPE_CHECKING:
     from .state import PipelineState
@@ -193,21 +195,6 @@ def is_testing() -> bool:
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-def _iso(t: float) -> str:
-    stamp = datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds")
-    return stamp.replace("+00:00", "Z")
-
-
-def _parse_iso(stamp: Any) -> float | None:
-    if not isinstance(stamp, str):
-        return None
-    try:
-        # Python 3.10's fromisoformat does not accept the "Z" suffix.
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:

@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -47,6 +46,7 @@ from ._diff import Diff
 from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyReport
 from ._lock import ProcessLock, get_process_lock, read_holder
 from ._log import Tail, TransactionLog
+from ._time import now_iso
 from .errors import (
     StateConflictError,
     StateDurabilityError,
@@ -68,8 +68,7 @@ _logger = logging.getLogger("pipeline_common")
 _active = threading.local()  # per thread: lock path -> the outermost open transaction
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+_now = now_iso
 
 
 @dataclass
