@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import logging
 import os
@@ -31,9 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
@@ -47,10 +44,9 @@ from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyR
 from ._lock import ProcessLock, get_process_lock, read_holder
 from ._log import Tail, TransactionLog
 from ._time import now_iso
+from ._transaction import StateTransaction, _Current
 from .errors import (
-    StateConflictError,
     StateDurabilityError,
-    StateError,
     StateReadError,
     StateSchemaError,
     StateSerializationError,
@@ -61,7 +57,7 @@ from .errors import (
 )
 from .models import PipelineModel
 
-__all__ = ["PipelineState", "StateTransaction"]
+__all__ = ["PipelineState", "StateTransaction"]  # StateTransaction lives in _transaction
 
 _HOST = socket.gethostname()
 _logger = logging.getLogger("pipeline_common")
@@ -69,193 +65,6 @@ _active = threading.local()  # per thread: lock path -> the outermost open trans
 
 
 _now = now_iso
-
-
-@dataclass
-class _Current:
-    """The state file as read under the lock."""
-
-    data: bytes | None  # None: no state file
-    ino: int = 0
-    size: int = 0
-    mtime_ns: int = 0
-    mode: int | None = None
-    logged: bool = True  # matches the newest commit record of the log
-    recovered: bool = False  # a recover record was appended for it just now
-    trusted: bool = False  # the very file the newest commit record wrote (by stat)
-
-
-class StateTransaction:
-    """One unit of work on a :class:`PipelineState`; use it as a context manager.
-
-    ``txn.data`` is the caller's private, mutable copy of the state. A clean exit
-    validates and commits it; an exception rolls back (the file is untouched) and is
-    re-raised unchanged. ``txn.details`` (a dict) is stored in the log record.
-
-    Entered while the same thread already has a transaction open on the same file, it
-    joins that outer transaction: it shares ``data``, commits nothing itself, and an
-    exception escaping it undoes only its own changes.
-    """
-
-    def __init__(
-        self,
-        state: PipelineState,
-        *,
-        validate: bool = True,
-        seed_data: dict[str, Any] | None = None,
-        operation: str = "transaction",
-        expect_version: int | None = None,
-        backup: bool | None = None,
-        _copy_seed: bool = True,
-        _payload: bytes | None = None,
-        _commit: bool = True,
-    ) -> None:
-        self.state = state
-        self.expect_version = expect_version
-        self.backup = state.backup_before_write if backup is None else backup
-        self.validate = validate
-        self.operation = operation
-        self.details: dict[str, Any] = {}
-        self.data: dict[str, Any] = {}
-        self._seed = seed_data
-        self._copy_seed = _copy_seed
-        self._payload = _payload
-        self._commits = _commit
-        self._outer: StateTransaction | None = None
-        self._snapshot: bytes | dict[str, Any] | None = None
-        self._current: _Current | None = None
-        self._pid = 0
-        self._entered = False
-        self._t0 = 0.0
-        self._notify: tuple[int, str, list[str] | None] | None = None
-        self._migrated: tuple[int, str, list[str] | None] | None = None  # its hook is due too
-        self._log_it = True
-
-    @property
-    def nested(self) -> bool:
-        """True when this transaction joined an outer one of the same thread."""
-        return self._outer is not None
-
-    def __enter__(self) -> StateTransaction:
-        if self._entered:
-            raise StateError(
-                "a StateTransaction can be entered only once; call state.transaction() again"
-            )
-        self._entered = True
-        state = self.state
-        outer = state._active_transaction()
-        if outer is not None:
-            return self._join(outer)
-        self._t0 = time.perf_counter()
-        state._lock.acquire(state.timeout, self.operation, state.path)
-        self._pid = os.getpid()
-        state._set_active(self)
-        try:
-            state._prepare_sidecars()
-            self._current = state._read_current_locked()
-            if self._current.recovered:
-                self.details["recovered_commit"] = True
-            state._migrate_locked(self)
-            if self.expect_version is not None:
-                actual = state._tail().generation
-                if actual != self.expect_version:
-                    raise StateConflictError(
-                        f"{state.path} is at version {actual}, not {self.expect_version}: "
-                        "another writer committed since you read it. Read again "
-                        "(state.read_versioned()), decide again, and retry.",
-                        path=state.path,
-                        expected=self.expect_version,
-                        actual=actual,
-                    )
-            if self._payload is not None:
-                self.data = {}
-            elif self._seed is not None:
-                self.data = copy.deepcopy(self._seed) if self._copy_seed else self._seed
-            elif self._commits:
-                self.data = state._decode(self._current.data, trusted=self._current.trusted)
-        except BaseException as exc:
-            # Under the lock, so the log may be written: record the refusal (a corrupt
-            # state, a conflict, a failing step), unless the sidecars are what failed.
-            if not isinstance(exc, StateSidecarError) and state.sidecar_dir.is_dir():
-                state._log_quietly(self, success=False, error=f"{type(exc).__name__}: {exc}")
-            state._clear_active(self)
-            state._lock.release()
-            if self._migrated is not None:  # the migration committed even so
-                state._fire_hooks(*self._migrated)
-            raise
-        return self
-
-    def _join(self, outer: StateTransaction) -> StateTransaction:
-        if self.expect_version is not None and self.expect_version != outer.state.version:
-            raise StateConflictError(
-                f"{self.state.path} is at version {outer.state.version}, not "
-                f"{self.expect_version}; the enclosing transaction cannot honour it",
-                path=self.state.path,
-                expected=self.expect_version,
-                actual=outer.state.version,
-            )
-        self._outer = outer
-        self._snapshot = _snapshot(outer.data)
-        if self._payload is not None:
-            _replace_contents(outer.data, _json.decode(self._payload))
-        elif self._seed is not None:
-            _replace_contents(outer.data, copy.deepcopy(self._seed))
-        self.data = outer.data
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._outer is not None:
-            if exc_type is not None and self._snapshot is not None:
-                _replace_contents(self._outer.data, _restore(self._snapshot))
-            return
-        state = self.state
-        if self._pid != os.getpid():
-            # fork() inside the block: the child never commits nor unlocks the parent's lock.
-            raise StateError(
-                f"this transaction on {state.path} was opened in process {self._pid} and "
-                "cannot be finished in a forked child; open a new transaction in the child"
-            )
-        try:
-            if exc_type is not None:
-                state._log_quietly(self, success=False, error=f"{exc_type.__name__}: {exc}")
-                return
-            if self._commits:
-                state._commit(self)
-            elif self._log_it:
-                state._log_quietly(self, success=True)
-        finally:
-            state._clear_active(self)
-            state._lock.release()
-            if self._migrated is not None:  # committed in __enter__, whatever the block did
-                state._fire_hooks(*self._migrated)
-        if self._notify is not None:
-            state._fire_hooks(*self._notify)
-
-    def skip_log(self) -> None:
-        """Write no log record for this transaction (it changed nothing worth one)."""
-        self._log_it = False
-
-
-def _snapshot(data: dict[str, Any]) -> bytes | dict[str, Any]:
-    # Serializing is cheaper than copy.deepcopy for JSON data; anything odd is deep-copied.
-    try:
-        return _json.encode(data)
-    except _json.EncodeError:
-        return copy.deepcopy(data)
-
-
-def _restore(snapshot: bytes | dict[str, Any]) -> dict[str, Any]:
-    return _json.decode(snapshot) if isinstance(snapshot, bytes) else snapshot
-
-
-def _replace_contents(target: dict[str, Any], source: dict[str, Any]) -> None:
-    target.clear()
-    target.update(source)
 
 
 class PipelineState:
