@@ -836,18 +836,15 @@ class PipelineState:
                 txn.details["backup"] = backup.name
         except StateDurabilityError as exc:
             # Visible already: record it as the commit it is, flagged as maybe not durable.
-            st = os.stat(self.path)
-            self._log_quietly(
-                txn,
-                success=True,
-                durable_error=str(exc),
-                commit={
-                    "sha256": hashlib.sha256(payload).hexdigest(),
-                    "size": st.st_size,
-                    "stat": [st.st_ino, st.st_mtime_ns],
-                    **({"long_integers": True} if long_ints else {}),
-                },
-            )
+            commit: dict[str, Any] = {
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "size": len(payload),
+                **({"long_integers": True} if long_ints else {}),
+            }
+            with contextlib.suppress(OSError):  # never hide the durability error
+                st = os.stat(self.path)
+                commit["stat"] = [st.st_ino, st.st_mtime_ns]
+            self._log_quietly(txn, success=True, durable_error=str(exc), commit=commit)
             raise
         except BaseException as exc:
             step = getattr(exc, "step", None)
@@ -862,9 +859,13 @@ class PipelineState:
             and cached[0] == (current.ino, current.mtime_ns)
             else None
         )
-        changes = _diff.changed_top_level(
-            current.data, payload, old_spans=old_spans, new_spans=new_spans
-        )
+        try:
+            changes = _diff.changed_top_level(
+                current.data, payload, old_spans=old_spans, new_spans=new_spans
+            )
+        except Exception:  # committed already: a summary is not worth failing the call
+            _logger.exception("could not summarize the changes of a commit to %s", self.path)
+            changes = None
         if new_spans is not None:  # the next commit's "old" side, while the file stays ours
             self._committed_spans = ((committed.ino, committed.mtime_ns), new_spans)
         written = self._log_quietly(
