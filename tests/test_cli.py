@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -612,3 +613,34 @@ def test_scripts_can_chain_commands(state: PipelineState, tmp_path: Path) -> Non
         check=False,
     )
     assert (result.returncode, result.stdout) == (0, "running\n")
+
+
+# -- the documented commands run ---------------------------------------------------
+
+
+def _documented_commands() -> list[str]:
+    """Every ``$ pipeline-state ...`` line of docs/cli.md's console blocks."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    return [
+        line[2:].split(" | ")[0].strip()  # drop a pipe into jq or the like
+        for line in text.splitlines()
+        if line.startswith("$ pipeline-state ")
+    ]
+
+
+@pytest.mark.parametrize("command", _documented_commands())
+def test_documented_command_runs_without_a_usage_error(command: str, tmp_path: Path) -> None:
+    """Each command shown in docs/cli.md parses and runs against a real state file."""
+    state = PipelineState(tmp_path / "pipeline.json")
+    for status in ("running", "success", "failed"):
+        state.write(
+            {"phase1_extract": {"status": "success"}, "phase2_transform": {"status": status}}
+        )
+    args = shlex.split(command)[1:]
+    if args[0] == "restore":
+        args.append("--yes")  # the docs show the prompt; a test has no terminal to answer it
+    if "--follow" in args:
+        args += ["--timeout", "2"]
+    result = cli(tmp_path, *args)
+    assert result.returncode in (0, 1), (command, result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
