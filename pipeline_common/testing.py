@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
+import gzip
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import shutil
 import signal
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,7 +409,7 @@ def check_invariants(
     if paths.backups_dir.is_dir():
         for name in sorted(os.listdir(paths.backups_dir)):
             if not re.fullmatch(
-                rf"{re.escape(paths.state.stem)}_\d{{8}}_\d{{6}}_\d{{6}}\.json\.bak", name
+                rf"{re.escape(paths.state.stem)}_\d{{8}}_\d{{6}}_\d{{6}}\.json\.(?:bak|gz)", name
             ):
                 if name.endswith(".tmp"):
                     problems.append(f"a temp file is left in the backups folder: {name}")
@@ -415,8 +417,13 @@ def check_invariants(
             backups += 1
             try:
                 braw = (paths.backups_dir / name).read_bytes()
+                if name.endswith(".gz"):  # compress_backups=True
+                    braw = gzip.decompress(braw)
             except FileNotFoundError:
                 continue  # pruned by a writer that is still running
+            except (OSError, EOFError, zlib.error) as exc:
+                problems.append(f"backup {name} does not decompress ({exc})")
+                continue
             try:
                 bparsed = _strict_json(braw)
             except (ValueError, RecursionError) as exc:

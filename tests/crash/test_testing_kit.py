@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import re
 from pathlib import Path
 
 import pytest
 
-from pipeline_common import StateWriteError
+from pipeline_common import PipelineState, StateWriteError
 from pipeline_common.testing import (
     InvariantViolation,
     check_invariants,
@@ -71,3 +72,17 @@ def test_inject_fault_persistent_and_nth(tmp_path: Path) -> None:
         commit(path, 3)
     assert any(c.op == "replace" for c in calls)
     check_invariants(path, acknowledged=version(3), after_crash=False)
+
+
+def test_check_invariants_reads_compressed_backups(tmp_path: Path) -> None:
+    """With compress_backups=True the .json.gz backups are counted and checked too."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, compress_backups=True, max_backups=3)
+    versions = [{"n": i} for i in range(6)]
+    for each in versions:
+        state.write(each)
+    report = check_invariants(path, max_backups=3, acknowledged=versions[-1], history=versions)
+    assert report.backups == 3
+    state.list_backups()[0].write_bytes(gzip.compress(b'{"n": 99}\n'))
+    with pytest.raises(InvariantViolation, match="not a version that was ever committed"):
+        check_invariants(path, max_backups=3, history=versions)
