@@ -75,6 +75,11 @@ class AsyncTransaction:
             self._txn.__exit__(exc_type, exc, tb)
             return
         if self._token is not None:
+            # Tasks created inside the block copied the mapping's reference: close the
+            # transaction for them too, so they never join a finished transaction.
+            mapping = _open.get()
+            if mapping is not None:
+                mapping.pop(str(self._txn.state.lock_path), None)
             _open.reset(self._token)
         loop = asyncio.get_running_loop()
         finishing = loop.run_in_executor(self._executor, self._txn.__exit__, exc_type, exc, tb)

@@ -178,20 +178,35 @@ class BackupManager:
 
     def _write_compressed(self, target: Path, current: bytes | None) -> None:
         # Complete and fsynced under a temp name, then linked to the final name, which
-        # fails rather than overwrite an existing backup.
+        # fails rather than overwrite an existing backup. The temp never outlives this.
         data = gzip.compress(
             current if current is not None else self.state_path.read_bytes(), compresslevel=1
         )
         tmp = str(target.with_name(f".{target.name}.tmp"))
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-        fd = _fs.open_file(tmp, flags, 0o600)
         try:
-            _fs.fchmod(fd, stat.S_IMODE(os.stat(self.state_path).st_mode), tmp)
-            _fs.write_all(fd, data, tmp)
-            if self.durable:
-                _fs.fsync(fd, tmp)
-        finally:
-            os.close(fd)
+            fd = _fs.open_file(tmp, flags, 0o600)
+            try:
+                _fs.fchmod(fd, stat.S_IMODE(os.stat(self.state_path).st_mode), tmp)
+                _fs.write_all(fd, data, tmp)
+                if self.durable:
+                    _fs.fsync(fd, tmp)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                _fs.unlink(tmp)
+            raise StateWriteError(
+                f"could not back up {self.state_path}: writing the compressed backup "
+                f"{tmp} failed ({exc.strerror or exc}); the state file is unchanged.",
+                path=self.state_path,
+                step="write compressed backup",
+                errno=exc.errno,
+            ) from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _fs.unlink(tmp)
+            raise
         try:
             _fs.link(tmp, str(target))
         finally:

@@ -180,6 +180,13 @@ def _reject_constant(name: str) -> Any:
     raise DecodeError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf: not representable, refuse it
+        raise DecodeError(f"the number {text} is too large for a float")
+    return value
+
+
 def decode(data: bytes, *, trusted: bool = False) -> dict[str, Any]:
     """Parse bytes that must hold one strict JSON object.
 
@@ -223,7 +230,10 @@ def _decode_stdlib(data: bytes, fast_error: str | None) -> dict[str, Any]:
         raise DecodeError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
         value = json.loads(
-            text, object_pairs_hook=_pairs_without_duplicates, parse_constant=_reject_constant
+            text,
+            object_pairs_hook=_pairs_without_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
         )
     except DecodeError:
         raise

@@ -37,15 +37,23 @@ _HOST = socket.gethostname()
 
 
 class _Waiter:
-    """Blocks in flock on its own descriptor, on a helper thread, for one acquire."""
+    """Blocks in flock on its own descriptor, on a helper thread.
+
+    A caller that gives up (timeout, KeyboardInterrupt) cancels it: if the lock then
+    arrives, the waiter closes its descriptor at once, which releases the lock. A
+    later acquire adopts a waiter that is still blocked instead of starting another,
+    so timeouts against a stuck holder never pile up threads or descriptors.
+    """
 
     def __init__(self, path: str, mode: int) -> None:
         self.path = path
         self.mode = mode
+        self.pid = os.getpid()
         self.done = threading.Event()
         self.fd: int | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.finished = False
         self.guard = threading.Lock()
 
     def run(self) -> None:
@@ -58,22 +66,34 @@ class _Waiter:
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             if fd is not None:
                 os.close(fd)
-            self.error = exc
+            with self.guard:
+                self.error = exc
+                self.finished = True
             self.done.set()
             return
         with self.guard:
+            self.finished = True
             if self.cancelled:
-                # The caller gave up while we slept in the kernel: let go at once.
+                # Nobody waits any more: let go at once (closing releases the flock).
                 os.close(fd)
-                return
-            self.fd = fd
+            else:
+                self.fd = fd
         self.done.set()
 
     def cancel(self) -> int | None:
         """Give up; return the descriptor if the lock arrived in the meantime."""
         with self.guard:
             self.cancelled = True
-            return self.fd
+            fd, self.fd = self.fd, None
+            return fd
+
+    def adopt(self) -> bool:
+        """Wait on this waiter again, if it is still blocked in the kernel."""
+        with self.guard:
+            if self.finished or self.pid != os.getpid():
+                return False
+            self.cancelled = False
+            return True
 
 
 def _open_lock_file(path: str, mode: int) -> int:
@@ -131,11 +151,14 @@ class ProcessLock:
         self._threads = threading.Lock()
         self._fd: int | None = None
         self._fd_pid = 0
+        self._pending: _Waiter | None = None  # a waiter still blocked after a timeout
         self._held_by: tuple[int, int, str, str] | None = None  # pid, thread id, since, op
 
     def acquire(self, timeout: float | None, operation: str, state_path: Path) -> None:
         """Take the lock within ``timeout`` seconds (None waits forever), or raise."""
         start = time.monotonic()
+        if timeout is not None and timeout > threading.TIMEOUT_MAX:
+            timeout = None  # float("inf") and the like: wait forever
         if not self._threads.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             held = self._held_by
             holder = (
@@ -180,12 +203,25 @@ class ProcessLock:
         remaining = None if timeout is None else timeout - (time.monotonic() - start)
         if remaining is not None and remaining <= 0:
             raise self._timeout_error(timeout, read_holder(path), state_path)
-        waiter = _Waiter(path, self.mode)
-        threading.Thread(target=waiter.run, name="pipeline-lock-wait", daemon=True).start()
-        if not waiter.done.wait(remaining):
+        waiter = self._pending
+        if waiter is None or not waiter.adopt():
+            waiter = _Waiter(path, self.mode)
+            threading.Thread(target=waiter.run, name="pipeline-lock-wait", daemon=True).start()
+        self._pending = waiter
+        try:
+            arrived = waiter.done.wait(remaining)
+        except BaseException:
+            # Interrupted while waiting: never keep a lock nobody will release.
+            fd = waiter.cancel()
+            if fd is not None:
+                os.close(fd)
+            raise
+        if not arrived:
             fd = waiter.cancel()
             if fd is None:
                 raise self._timeout_error(timeout, read_holder(path), state_path)
+            waiter.fd = fd  # it arrived just as we gave up: take it
+        self._pending = None
         if waiter.error is not None:
             if isinstance(waiter.error, OSError) and not isinstance(
                 waiter.error, StateSidecarError
@@ -287,6 +323,7 @@ class ProcessLock:
         # would never be released here, so start over. The fd is dropped at next use.
         self._threads = threading.Lock()
         self._held_by = None
+        self._pending = None  # its thread does not exist in the child
 
 
 _registry: dict[str, ProcessLock] = {}

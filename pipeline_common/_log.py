@@ -134,7 +134,11 @@ class TransactionLog:
             "prev": tail.line_hash or None,
         }
         record.pop("commits", None)
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        # default=str: a datetime or Path in txn.details must not fail a commit that
+        # already happened.
+        line = json.dumps(
+            record, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str
+        )
         raw = line.encode("utf-8")
         path = str(self.path)
         new_file = not os.path.exists(path)
@@ -242,6 +246,11 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return value if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    for key in ("seq", "generation"):  # a record is only one with sane counters
+        if key in value and (type(value[key]) is not int):
+            return None
+    return value

@@ -127,12 +127,14 @@ class StateTransaction:
             elif self._commits:
                 self.data = state._decode(self._current.data, trusted=self._current.trusted)
         except BaseException as exc:
-            # Under the lock, so the log may be written: record the refusal (a corrupt
-            # state, a conflict, a failing step), unless the sidecars are what failed.
-            if not isinstance(exc, StateSidecarError) and state.sidecar_dir.is_dir():
-                state._log_quietly(self, success=False, error=f"{type(exc).__name__}: {exc}")
-            state._clear_active(self)
-            state._lock.release()
+            try:
+                # Under the lock, so the log may be written: record the refusal (a corrupt
+                # state, a conflict, a failing step), unless the sidecars are what failed.
+                if not isinstance(exc, StateSidecarError) and state.sidecar_dir.is_dir():
+                    state._log_quietly(self, success=False, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                state._clear_active(self)
+                state._lock.release()
             if self._migrated is not None:  # the migration committed even so
                 state._fire_hooks(*self._migrated)
             raise
@@ -165,6 +167,9 @@ class StateTransaction:
         if self._outer is not None:
             if exc_type is not None and self._snapshot is not None:
                 _replace_contents(self._outer.data, _restore(self._snapshot))
+            elif exc_type is None and self.data is not self._outer.data:
+                # The block assigned a new dict to txn.data: that is the new content.
+                _replace_contents(self._outer.data, self.data)
             return
         state = self.state
         if self._pid != os.getpid():

@@ -619,7 +619,7 @@ class PipelineState:
             return False
         try:
             last = self._log.tail().last_commit
-        except OSError:
+        except (OSError, ValueError, TypeError):
             return False
         return (
             last is not None
@@ -698,6 +698,8 @@ class PipelineState:
                 "sha256": digest,
                 "size": current.size,
                 "stat": [current.ino, current.mtime_ns],
+                # orjson would read integers beyond 64 bits as floats: keep readers exact
+                **({"long_integers": True} if _json.has_long_integers(raw) else {}),
                 **(
                     {"schema_version": last.get("schema_version")}
                     if last is not None and last.get("schema_version") is not None
@@ -716,10 +718,11 @@ class PipelineState:
     def _tail(self) -> Tail:
         try:
             return self._log.tail()
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:
             raise StateSidecarError(
                 f"cannot read the transaction log {self.log_path} of {self.path}: "
-                f"{exc.strerror}. Check its permissions; the state file is unchanged.",
+                f"{getattr(exc, 'strerror', None) or exc}. Check its permissions and its last "
+                "lines (state.verify() reports them); the state file is unchanged.",
                 path=self.log_path,
             ) from exc
 
@@ -931,7 +934,7 @@ class PipelineState:
             return self._log.append(
                 record, created_dir=self.sidecar_dir, durable=self.durability == "full"
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
             warnings.warn(
                 f"could not append to the transaction log {self.log_path} "
                 f"({getattr(exc, 'strerror', None) or exc}); the state itself is safe, and the "
