@@ -36,9 +36,11 @@ MISSING: Any = _Missing()
 
 
 def pointer(parts: Iterable[str | int]) -> str:
-    """Build a JSON pointer from path parts (``~`` and ``/`` escaped)."""
-    out = "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-    return out or "/"
+    """Build a JSON pointer from path parts (``~`` and ``/`` escaped).
+
+    RFC 6901: no parts give ``""``, the whole document; ``"/"`` is the key ``""``.
+    """
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,12 @@ class Change:
         return "changed"
 
     def __repr__(self) -> str:
+        where = self.pointer or "(the whole document)"
         if self.kind == "added":
-            return f"+ {self.pointer}: {_short(self.new)}"
+            return f"+ {where}: {_short(self.new)}"
         if self.kind == "removed":
-            return f"- {self.pointer}: {_short(self.old)}"
-        return f"~ {self.pointer}: {_short(self.old)} -> {_short(self.new)}"
+            return f"- {where}: {_short(self.old)}"
+        return f"~ {where}: {_short(self.old)} -> {_short(self.new)}"
 
 
 class Diff(list[Change]):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import _fs, _json, _log
 from ._atomic import temp_path_for
 from ._history import BackupInfo, Check, RepairReport, VerifyReport
-from .errors import StateBackupError, StateError
+from .errors import StateBackupError, StateError, StateValidationError
 
 if TYPE_CHECKING:
     from .state import PipelineState
@@ -50,12 +50,14 @@ def backup_infos(state: PipelineState, limit: int | None = None) -> list[BackupI
     version that commit replaced); failing that, its content hash is looked up.
     """
     records = _records(state)
-    by_generation = {r["generation"]: r for r in records if r.get("success") and r.get("sha256")}
+    by_generation = {
+        r.get("generation", 0): r for r in records if r.get("success") and r.get("sha256")
+    }
     by_sha = {r["sha256"]: r for r in by_generation.values()}
     replaced_in = {
         r["details"]["backup"]: r
         for r in records
-        if isinstance(r.get("details"), dict) and r["details"].get("backup")
+        if isinstance(r.get("details"), dict) and isinstance(r["details"].get("backup"), str)
     }
     out = []
     for path in state.backup_manager.list_paths(limit):
@@ -138,8 +140,13 @@ def verify(state: PipelineState) -> VerifyReport:
         try:
             state._validate(data)
             checks.append(Check("state validates", True, state.schema.__name__))
-        except StateError as exc:
-            checks.append(Check("state validates", False, str(exc)))
+        except StateValidationError as exc:
+            found = "; ".join(
+                (".".join(str(p) for p in e["loc"]) + ": " if e["loc"] else "")
+                + str(e["msg"]).removeprefix("Value error, ")
+                for e in exc.errors
+            )
+            checks.append(Check("state validates", False, f"{state.schema.__name__}: {found}"))
     except StateError as exc:
         checks.append(Check("state parses", False, str(exc)))
 

@@ -248,9 +248,37 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
         value = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(value, dict):
-        return None
-    for key in ("seq", "generation"):  # a record is only one with sane counters
-        if key in value and (type(value[key]) is not int):
-            return None
-    return value
+    return value if isinstance(value, dict) and _well_typed(value) else None
+
+
+def _well_typed(value: dict[str, Any]) -> bool:
+    """True when the record's fields have the types the library writes.
+
+    Anything else (tampering, a foreign tool) is treated like a garbage line: skipped
+    by readers and reported by verify().
+    """
+    for key, kinds in _FIELD_TYPES.items():
+        if key in value and value[key] is not None and not isinstance(value[key], kinds):
+            return False
+    if type(value.get("seq", 0)) is not int or type(value.get("generation", 0)) is not int:
+        return False  # bool is an int subclass; counters are plain ints
+    stat = value.get("stat")
+    return stat is None or (len(stat) == 2 and all(type(x) is int for x in stat))
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int,
+    "generation": int,
+    "timestamp": str,
+    "operation": str,
+    "success": bool,
+    "details": dict,
+    "sha256": str,
+    "size": int,
+    "stat": list,
+    "changes": list,
+    "duration_ms": (int, float),
+    "pid": int,
+    "host": str,
+    "prev": str,
+}

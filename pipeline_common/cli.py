@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
+
+from pydantic import BaseModel
 
 # The public API only: what the package exports, and the progress module.
 from . import (
@@ -196,9 +199,27 @@ def _table(out: Output, rows: list[list[str]], styles: list[list[str]] | None = 
 # -- opening a state -------------------------------------------------------------------
 
 
-def _open(path: str, *, timeout: float | None = 10.0) -> PipelineState:
-    """Open ``path``; a path with neither a state file nor sidecars is a typo, not a state."""
-    state = PipelineState(path, timeout=timeout)
+def _schema(spec: str | None) -> type[BaseModel] | None:
+    """Import ``module:Class`` (a Pydantic model), for states with their own schema."""
+    if not spec:
+        return None
+    module_name, _, class_name = spec.partition(":")
+    try:
+        model = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise CliError(f"--schema {spec}: cannot import it ({exc})", EXIT_USAGE) from exc
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise CliError(f"--schema {spec}: not a Pydantic model class", EXIT_USAGE)
+    return model
+
+
+def _open(path: str, *, timeout: float | None = 10.0, schema: str | None = None) -> PipelineState:
+    """Open ``path``; a path with neither a state file nor sidecars is a typo, not a state.
+
+    ``max_backups`` is unbounded here: the CLI does not know the pipeline's own limit,
+    and must never prune backups the pipeline means to keep (its next commit prunes).
+    """
+    state = PipelineState(path, timeout=timeout, max_backups=sys.maxsize, schema=_schema(schema))
     if not (state.path.exists() or state.sidecar_dir.exists()):
         raise CliError(
             f"{path}: no such state file (and no {state.sidecar_dir.name}/ folder beside it); "
@@ -280,7 +301,7 @@ def _plural(n: int, word: str) -> str:
 def _find_backup(state: PipelineState, ref: str) -> BackupInfo:
     """Resolve a backup given as a name, a path, or the generation it holds."""
     infos = state.backups()
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():
         generation = int(ref)
         for info in infos:  # newest first: the newest backup of that generation
             if info.generation == generation:
@@ -315,7 +336,7 @@ class _Ref:
 def _resolve_ref(state: PipelineState, ref: str) -> _Ref:
     if ref == "current":
         return _Ref("current", f"current (generation {state.version})")
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():
         generation = int(ref)
         if generation == state.version:
             return _Ref(generation, f"generation {generation} (current)")
@@ -327,7 +348,7 @@ def _resolve_ref(state: PipelineState, ref: str) -> _Ref:
 
 
 def _split_pointer(pointer: str) -> list[str]:
-    if pointer in ("", "/"):
+    if pointer == "":  # RFC 6901: "" is the whole document, "/" the key ""
         return []
     if not pointer.startswith("/"):
         raise CliError(
@@ -342,7 +363,13 @@ def _at_pointer(data: Any, pointer: str) -> Any:
     for part in _split_pointer(pointer):
         if isinstance(value, dict) and part in value:
             value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+        elif (
+            isinstance(value, list)
+            and part.isascii()
+            and part.isdigit()
+            and (part == "0" or not part.startswith("0"))  # RFC 6901: no leading zeros
+            and int(part) < len(value)
+        ):
             value = value[int(part)]
         else:
             raise CliError(f"no value at {pointer} in the state", EXIT_PROBLEM)
@@ -354,7 +381,7 @@ def _at_pointer(data: Any, pointer: str) -> Any:
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
     """Print the current state with its generation and last commit."""
-    state = _open(args.path)
+    state = _open(args.path, schema=args.schema)
     data, generation = _read(state)
     record = _last_commit(state, generation)
     value = _at_pointer(data, args.pointer) if args.pointer is not None else data
@@ -472,7 +499,7 @@ def _status_code(snap: dict[str, Any]) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     """Print the stage table; with --follow, redraw it until the pipeline ends."""
-    state = _open(args.path)
+    state = _open(args.path, schema=args.schema)
     if not args.follow:
         snap = _progress(state, args.stages)
         if args.json:
@@ -537,7 +564,7 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
 
 def cmd_history(args: argparse.Namespace, out: Output) -> int:
     """Print the transaction log, newest first, one line per record."""
-    state = _open(args.path)
+    state = _open(args.path, schema=args.schema)
     if args.n < 0:
         raise CliError(f"-n must be 0 (all) or more, not {args.n}", EXIT_USAGE)
     limit = args.n or None
@@ -570,7 +597,7 @@ def cmd_history(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_backups(args: argparse.Namespace, out: Output) -> int:
     """Print the backups, newest first."""
-    state = _open(args.path)
+    state = _open(args.path, schema=args.schema)
     infos = state.backups()
     if args.json:
         out.json({"path": str(state.path), "backups": [_backup_json(i) for i in infos]})
@@ -588,7 +615,7 @@ def cmd_backups(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     """Print the changes from A to B."""
-    state = _open(args.path)
+    state = _open(args.path, schema=args.schema)
     a, b = _resolve_ref(state, args.a), _resolve_ref(state, args.b)
     changes = state.diff(a.value, b.value)
     if args.json:
@@ -624,7 +651,7 @@ def _confirm(question: str) -> bool:
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     """Show what a restore changes, ask, and restore the backup."""
-    state = _open(args.path, timeout=args.timeout)
+    state = _open(args.path, timeout=args.timeout, schema=args.schema)
     info = _find_backup(state, args.backup)
     result: dict[str, Any] = {
         "path": str(state.path),
@@ -676,7 +703,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
             else:
                 out.line("not restored; nothing was changed")
             return EXIT_PROBLEM
-    state.restore_backup(info)
+    state.restore_backup(info, validate=False)  # a backup is a version once committed
     result["restored"] = True
     result["generation"] = state.version
     newest = state.history(limit=1)
@@ -693,7 +720,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     """Print the integrity report; exit 1 when a check failed."""
-    state = _open(args.path)
+    state = _open(args.path, schema=args.schema)
     report = state.verify()
     if args.json:
         out.json(
@@ -719,7 +746,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_repair(args: argparse.Namespace, out: Output) -> int:
     """Run state.repair() and summarize what it did and what is left."""
-    state = _open(args.path, timeout=args.timeout)
+    state = _open(args.path, timeout=args.timeout, schema=args.schema)
     report = state.repair()
     if args.json:
         out.json(
@@ -754,7 +781,7 @@ def cmd_repair(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_lock(args: argparse.Namespace, out: Output) -> int:
     """Say whether the lock is held, and by whom."""
-    state = _open(args.path)
+    state = _open(args.path, schema=args.schema)
     info = state.lock_info()
     if args.json:
         out.json(
@@ -851,6 +878,12 @@ def build_parser() -> argparse.ArgumentParser:
             parents=[common],
         )
         p.add_argument("path", metavar="PATH", help="the state file, e.g. pipeline.json")
+        p.add_argument(
+            "--schema",
+            metavar="MODULE:CLASS",
+            help="the Pydantic model the pipeline validates with (default: the built-in "
+            "pipeline schema), e.g. mypipeline.models:State",
+        )
         if json_help:
             p.add_argument("--json", action="store_true", help="print JSON instead of text")
         p.set_defaults(handler=handler)

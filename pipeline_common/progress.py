@@ -348,7 +348,11 @@ class ProgressTracker:
             if type(n) is not int:
                 n = self._check_number(stage, n)
             current = live.current + n
-            if current < 0 or (live.total is not None and current > live.total):
+            if (
+                not math.isfinite(current)
+                or current < 0
+                or (live.total is not None and current > live.total)
+            ):
                 raise self._out_of_range(stage, current, live.total)
             live.current = current
             live.mono = now
@@ -377,7 +381,8 @@ class ProgressTracker:
             ProgressError: unknown stage, or the stage already finished.
         """
         self._check_stage(stage)
-        self._finish(stage, "failed", ("pending", "running"), error=_error_text(error))
+        # "failed" too: a RetryHandler that gave up inside stage() marked it already.
+        self._finish(stage, "failed", ("pending", "running", "failed"), error=_error_text(error))
 
     def skip(self, stage: str, reason: str | None = None) -> None:
         """Mark a stage that has not succeeded as skipped (it counts as 100 %), at once.
@@ -673,6 +678,8 @@ class ProgressTracker:
         return number
 
     def _out_of_range(self, stage: str, current: float, total: float | None) -> ProgressError:
+        if not math.isfinite(current):
+            return self._error(stage, f"progress of stage {stage!r} must be finite, not {current}")
         if current < 0:
             return self._error(stage, f"progress of stage {stage!r} cannot be negative ({current})")
         return self._error(
@@ -735,7 +742,9 @@ class ProgressTracker:
                 with self._lock:
                     mono = self._monotonic()
                     live = self._live.pop(stage, None)
-                    if live is not None and live.dirty:
+                    # Not only when dirty: a flush that joined an outer transaction
+                    # which then rolled back left clean-looking numbers unwritten.
+                    if live is not None:
                         self._write_live(rec, live, now - (mono - live.mono))
                 progress = rec.get("progress")
                 if not isinstance(progress, dict):
@@ -927,10 +936,18 @@ _open_trackers: weakref.WeakSet[ProgressTracker] = weakref.WeakSet()
 def _flush_at_exit() -> None:
     """Flush every open tracker when the interpreter exits; never raise."""
     for tracker in list(_open_trackers):
-        try:
-            tracker.flush()
-        except Exception:
-            _logger.exception("could not flush %r at exit", tracker)
+        # Bounded: a daemon thread may hold a transaction that will never end, and the
+        # interpreter must still exit.
+        flusher = threading.Thread(target=_flush_quietly, args=(tracker,), daemon=True)
+        flusher.start()
+        flusher.join(2.0)
+
+
+def _flush_quietly(tracker: ProgressTracker) -> None:
+    try:
+        tracker.flush()
+    except Exception:
+        _logger.exception("could not flush %r at exit", tracker)
 
 
 atexit.register(_flush_at_exit)

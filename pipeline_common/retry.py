@@ -418,6 +418,14 @@ class RetryHandler:
                 if verdict.delay > 0:
                     self._sleep(verdict.delay)
                 continue
+            if inspect.isawaitable(result):
+                # An async callable object: call() cannot await it, so it was never
+                # really attempted. Refuse rather than record a false success.
+                close = getattr(result, "close", None)
+                if callable(close):
+                    close()
+                self._undo(run, attempt, _name(run.operation, attempt.number), "awaitable")
+                raise TypeError(f"{fn!r} returned an awaitable; use acall() for async steps")
             self._succeeded(run, attempt)
             return result
 
@@ -503,7 +511,7 @@ class RetryHandler:
         try:
             raw = self.retry_delay * self.backoff_multiplier**k
         except OverflowError:
-            raw = math.inf
+            raw = math.inf if self.retry_delay else 0.0
         return min(raw, self.max_delay)
 
     def _jittered(self, delay: float) -> float:
@@ -623,7 +631,12 @@ class RetryHandler:
 
     def _failed(self, run: _Run, attempt: _Attempt, exc: BaseException) -> _Verdict:
         """Record a failed attempt and decide: re-raise it, retry after a delay, or give up."""
-        requested = self._classify(exc)
+        try:
+            requested = self._classify(exc)
+        except BaseException as err:
+            # The predicate itself failed: uncount the attempt, put the status back.
+            self._undo(run, attempt, _name(run.operation, attempt.number), repr(err))
+            raise
         error_type, message = _describe(exc)
         name = _name(run.operation, attempt.number)
         if requested is None:

@@ -887,10 +887,13 @@ def random_kills(
                         fn()
 
                 _run_child(body)
-            time.sleep(rng.uniform(0, max_delay))
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            try:
+                time.sleep(rng.uniform(0, max_delay))
+            finally:
+                # Even if the sleep is interrupted, never leave the child writing.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
             records = report.read()
             history.update(_sha(d) for h, d in records if h["t"] == "write")
             acks = sum(1 for h, _ in records if h["t"] == "ack")

@@ -182,3 +182,243 @@ def test_an_infinite_timeout_waits_instead_of_overflowing(state_path: Path) -> N
     state.write({"a": 1})
     assert state.read() == {"a": 1}
     assert os.path.exists(state.lock_path)
+
+
+# -- second review: the CLI, the log reader, the test kit ----------------------------------
+
+
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline_common", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_restore_never_prunes_backups_the_pipeline_keeps(tmp_path: Path) -> None:
+    """The CLI does not know the pipeline's max_backups: it must not prune down to 50."""
+    state = PipelineState(tmp_path / "p.json", max_backups=100)
+    for i in range(60):
+        state.write({"n": i})
+    assert len(state.list_backups(None)) == 59
+    result = _cli(tmp_path, "restore", "p.json", "30", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert len(state.list_backups(None)) == 60  # the replaced version was added, none pruned
+    assert _cli(tmp_path, "verify", "p.json").returncode == 0
+
+
+def test_cli_takes_the_pipeline_schema_and_restores_without_revalidating(tmp_path: Path) -> None:
+    """--schema MODULE:CLASS checks a custom-schema state; restore needs no schema at all."""
+    (tmp_path / "mymodels.py").write_text(
+        "from pydantic import BaseModel, ConfigDict\n"
+        "class State(BaseModel):\n"
+        "    model_config = ConfigDict(extra='allow')\n"
+        "    phases: list[str]\n"
+    )
+    state = PipelineState(tmp_path / "p.json", schema=None)
+    state.write({"phases": ["a"]}, validate=False)
+    state.write({"phases": ["a", "b"]}, validate=False)
+    default = _cli(tmp_path, "verify", "p.json")
+    assert default.returncode == 1
+    assert "phases must be an object" in default.stdout
+    assert "fix the data in the transaction" not in default.stdout
+    custom = _cli(tmp_path, "verify", "p.json", "--schema", "mymodels:State")
+    assert custom.returncode == 0, custom.stdout + custom.stderr
+    assert _cli(tmp_path, "restore", "p.json", "1", "--yes").returncode == 0
+    assert state.read() == {"phases": ["a"]}
+    bad = _cli(tmp_path, "verify", "p.json", "--schema", "nosuchmodule:X")
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        '{"seq": 9, "success": true, "sha256": "ab"}',
+        '{"seq": 9, "generation": 9, "success": true, "sha256": 5}',
+        '{"seq": 9, "generation": 9, "success": true, "sha256": "ab", "stat": [[1]]}',
+        '{"seq": 9, "generation": 9, "success": true, "details": "oops"}',
+        '{"seq": 9, "generation": 9, "success": true, "details": {"backup": ["x"]}}',
+        '{"seq": 9, "generation": 9, "success": true, "duration_ms": "x"}',
+        '{"seq": 9, "generation": 9, "success": true, "changes": 5}',
+    ],
+)
+def test_a_badly_typed_log_record_is_reported_not_a_crash(tmp_path: Path, record: str) -> None:
+    """verify, backups, diff, show and history survive a tampered record (verify flags it)."""
+    state = PipelineState(tmp_path / "p.json")
+    for i in range(3):
+        state.write({"n": i})
+    with state.log_path.open("a", encoding="utf-8") as fh:
+        fh.write(record + "\n")
+    report = state.verify()
+    assert not report
+    assert any(c.name == "log chain intact" and not c.ok for c in report.checks)
+    for command in (["verify"], ["backups"], ["diff", "1"], ["show"], ["history"]):
+        result = _cli(tmp_path, command[0], "p.json", *command[1:])
+        assert result.returncode in (0, 1), (command, result.stderr)
+        assert "unexpected" not in result.stderr, (command, result.stderr)
+
+
+def test_cli_pointer_follows_rfc_6901(tmp_path: Path) -> None:
+    """ "/" is the key "", digits must be ASCII without leading zeros."""
+    state = PipelineState(tmp_path / "p.json")
+    state.write({"": 5, "items": [10, 11]})
+    show = ["show", "p.json", "--json", "--pointer"]
+    assert json.loads(_cli(tmp_path, *show, "/").stdout)["data"] == 5
+    assert json.loads(_cli(tmp_path, *show, "/items/1").stdout)["data"] == 11
+    for bad in ("/items/01", "/items/\u00b2"):
+        result = _cli(tmp_path, "show", "p.json", "--pointer", bad)
+        assert result.returncode == 1, (bad, result.stderr)
+        assert "unexpected" not in result.stderr
+    assert _cli(tmp_path, "diff", "p.json", "\u00b2").returncode == 2
+
+
+@pytest.mark.multiprocess
+def test_random_kills_never_leaves_a_child_writing(tmp_path: Path) -> None:
+    """An interrupt during random_kills' wait still kills and reaps the child."""
+    from pipeline_common.testing import random_kills
+
+    path = tmp_path / "p.json"
+    state = PipelineState(path)
+    state.write({"n": 0})
+
+    def step() -> None:
+        with PipelineState(path).transaction() as txn:
+            txn.data["n"] += 1
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in random_kills(step, path, kills=1000, seed=1, max_delay=0.5):
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    first = path.read_bytes()
+    time.sleep(0.3)
+    assert path.read_bytes() == first  # nobody is writing any more
+
+
+# -- third review: progress and retry ----------------------------------------------------
+
+
+def test_retry_giving_up_inside_a_stage_keeps_the_real_error_and_the_progress(
+    state: PipelineState,
+) -> None:
+    """RetryExhaustedError surfaces from tracker.stage(), and the file keeps the numbers."""
+    from pipeline_common import ProgressTracker, RetryExhaustedError, RetryHandler
+
+    retry = RetryHandler(max_retries=1, retry_delay=0, jitter=False, state=state)
+
+    def fetch() -> None:
+        raise ConnectionError("down")
+
+    def run_stage() -> None:
+        with ProgressTracker(state, ["phase1"]) as tracker, tracker.stage("phase1", total=10) as st:
+            st.advance(6)
+            retry.call("phase1", fetch)
+
+    with pytest.raises(RetryExhaustedError):
+        run_stage()
+    record = state.read()["phase1"]
+    assert record["status"] == "failed"
+    assert record["progress"]["current"] == 6
+    assert "RetryExhaustedError" in record["progress"]["error"]
+
+
+def test_a_raising_retry_predicate_uncounts_the_attempt(state: PipelineState) -> None:
+    """A predicate that raises leaves no attempt in flight and the stage as it was."""
+    from pipeline_common import RetryHandler
+
+    state.write({"phase2": {"status": "pending"}})
+
+    def predicate(exc: BaseException) -> bool:
+        raise ValueError("the predicate broke")
+
+    retry = RetryHandler(max_retries=3, retry_delay=0, retry_on=predicate, state=state)
+
+    def step() -> None:
+        raise OSError("flaky")
+
+    with pytest.raises(ValueError, match="predicate broke"):
+        retry.call("phase2", step)
+    record = state.read()["phase2"]
+    assert record["status"] == "pending"
+    assert record["retry"]["attempts"] == 0
+    assert not record["retry"].get("in_flight")
+
+
+def test_complete_writes_numbers_whose_flush_was_rolled_back(state: PipelineState) -> None:
+    """A flush that joined an outer transaction that rolled back is redone by complete()."""
+    from pipeline_common import ProgressTracker
+
+    tracker = ProgressTracker(state, ["phase1"], min_interval=0)
+    tracker.start("phase1", total=100)
+
+    def update_then_roll_back() -> None:
+        with state.transaction():
+            tracker.update("phase1", 40)  # flushed inside the outer transaction...
+            raise RuntimeError("...which rolls back")
+
+    with pytest.raises(RuntimeError):
+        update_then_roll_back()
+    tracker.complete("phase1")
+    assert state.read()["phase1"]["progress"]["current"] == 40
+    tracker.close()
+
+
+def test_progress_refuses_an_infinite_count(state: PipelineState) -> None:
+    """advance() past the float range is a ProgressError, and the stage still completes."""
+    from pipeline_common import ProgressError, ProgressTracker
+
+    tracker = ProgressTracker(state, ["phase1"], min_interval=0)
+    tracker.start("phase1")
+    tracker.update("phase1", 1e308)
+    with pytest.raises(ProgressError, match="finite"):
+        tracker.advance("phase1", 1e308)
+    tracker.complete("phase1")
+    assert state.read()["phase1"]["status"] == "success"
+    tracker.close()
+
+
+def test_an_async_callable_object_is_refused_by_call(state: PipelineState) -> None:
+    """call() on an object with async __call__ raises TypeError instead of a false success."""
+    from pipeline_common import RetryHandler
+
+    class Fetch:
+        async def __call__(self) -> int:
+            return 1
+
+    retry = RetryHandler(max_retries=2, retry_delay=0, state=state)
+    with pytest.raises(TypeError, match="acall"):
+        retry.call("phase4", Fetch())
+    assert state.read()["phase4"]["retry"]["attempts"] == 0
+
+
+def test_zero_retry_delay_never_overflows_into_max_delay() -> None:
+    """retry_delay=0 stays 0 even when the backoff power overflows."""
+    from pipeline_common import RetryHandler
+
+    slept: list[float] = []
+    retry = RetryHandler(
+        max_retries=4,
+        retry_delay=0,
+        backoff_multiplier=1e200,
+        jitter=False,
+        sleep=slept.append,
+    )
+
+    def step() -> None:
+        raise OSError("x")
+
+    with pytest.raises(Exception, match="gave up"):
+        retry.call("op", step)
+    assert all(d == 0 for d in slept)
