@@ -7,12 +7,25 @@ a full structural diff for people at a REPL.
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MISSING", "Change", "Diff", "changed_top_level", "diff", "pointer"]
+__all__ = [
+    "MISSING",
+    "Change",
+    "Diff",
+    "changed_top_level",
+    "KEY_BODY",
+    "diff",
+    "key_line",
+    "key_start",
+    "member_spans",
+    "pointer",
+]
 
 
 class _Missing:
@@ -118,46 +131,70 @@ def _walk(old: Any, new: Any, path: list[str | int], out: Diff) -> None:
         out.append(Change(pointer(path), old, new))
 
 
-_KEY_START = b'\n  "'
 # A JSON string's body up to its closing quote, then the member separator: an escaped
 # quote or backslash inside the key (\" or \\) cannot end it.
-_KEY_BODY = re.compile(rb'(?:[^"\\\n]|\\.)*": ')
+KEY_BODY = re.compile(rb'(?:[^"\\\n]|\\.)*": ')
 _SPACE = b" \t\r\n"
+_KEY_STARTS: dict[int, re.Pattern[bytes]] = {}
 
 
-def _top_level_spans(data: bytes) -> dict[bytes, tuple[int, int]] | None:
-    """Find each top-level key's value in canonical (2-space indented) JSON bytes.
+def key_line(depth: int) -> bytes:
+    """How a key line of an object at nesting ``depth`` starts in canonical JSON."""
+    return b"\n" + b"  " * depth + b'"'
+
+
+def key_start(depth: int) -> re.Pattern[bytes]:
+    """:func:`key_line` compiled: re's literal scan is about 2.5x faster here than
+    bytes.find, which stumbles on the many near-matches of an indented document."""
+    pattern = _KEY_STARTS.get(depth)
+    if pattern is None:
+        pattern = _KEY_STARTS[depth] = re.compile(re.escape(key_line(depth)))
+    return pattern
+
+
+def member_spans(
+    data: bytes, start: int, end: int, depth: int
+) -> dict[bytes, tuple[int, int]] | None:
+    """Find each member's value in the canonical (2-space indented) JSON object
+    ``data[start:end]``, whose keys sit at nesting ``depth`` (1 for the top level).
 
     Returns ``{key bytes: (start, end)}`` offsets into ``data``, copying nothing but
-    the keys: top-level keys are the only lines that start with exactly two spaces
-    and a quote, and strings cannot hold raw newlines, so the scan is exact. Returns
-    None when the bytes are not in that form.
+    the keys: the object's own keys are the only lines inside it that start with
+    exactly ``2 * depth`` spaces and a quote (deeper lines are indented further, and
+    strings cannot hold raw newlines), so the scan is exact. Returns None when the
+    bytes are not in that form.
     """
-    end = len(data)
-    while end and data[end - 1] in _SPACE:
-        end -= 1
-    if not data.startswith(b"{") or end < 2:
+    if end - start < 2 or data[start] != 0x7B or data[end - 1] != 0x7D:  # { ... }
         return None
-    if end == 2 and data[1:2] == b"}":
+    if end - start == 2:
         return {}
-    if data[end - 2 : end] != b"\n}":
+    closing = b"\n" + b"  " * (depth - 1) + b"}"
+    close = end - len(closing)
+    if close <= start or not data.startswith(closing, close):
         return None
-    close = end - 2
+    prefix = 2 * depth + 2
+    positions = [m.start() for m in key_start(depth).finditer(data, start, close)]
+    if not positions or positions[0] != start + 1:
+        return None
+    positions.append(close)
     spans: dict[bytes, tuple[int, int]] = {}
-    pos = data.find(_KEY_START, 0, close)
-    while pos >= 0:
-        key_start = pos + len(_KEY_START)
-        match = _KEY_BODY.match(data, key_start, close)
+    for pos, nxt in itertools.pairwise(positions):
+        body = pos + prefix
+        match = KEY_BODY.match(data, body, nxt)
         if match is None:
             return None
         key_end = match.end() - 3
-        nxt = data.find(_KEY_START, key_end, close)
-        value_end = nxt if nxt >= 0 else close
-        if data[value_end - 1] == 0x2C:  # the comma between members
-            value_end -= 1
-        spans[data[key_start:key_end]] = (key_end + 3, value_end)
-        pos = nxt
+        value_end = nxt - 1 if data[nxt - 1] == 0x2C else nxt  # the comma between members
+        spans[data[body:key_end]] = (key_end + 3, value_end)
     return spans
+
+
+def _top_level_spans(data: bytes) -> dict[bytes, tuple[int, int]] | None:
+    """Find each top-level key's value in canonical JSON bytes (see :func:`member_spans`)."""
+    end = len(data)
+    while end and data[end - 1] in _SPACE:
+        end -= 1
+    return member_spans(data, 0, end, 1)
 
 
 Spans = dict[bytes, tuple[int, int]]
@@ -206,8 +243,11 @@ def changed_top_level(
 
 
 def _unescape(key: bytes) -> str:
-    import json
-
+    if b"\\" not in key:
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     try:
         return str(json.loads(b'"' + key + b'"'))
     except ValueError:

@@ -59,9 +59,9 @@ class DecodeError(ValueError):
     """The bytes are not a strict JSON object (the reason is the message)."""
 
 
-def _reject_nonfinite(value: Any) -> None:
-    """Raise EncodeError at the first NaN or Infinity inside ``value``."""
-    stack: list[tuple[str, Any]] = [("", value)]
+def _reject_nonfinite(value: Any, where: str = "") -> None:
+    """Raise EncodeError at the first NaN or Infinity inside ``value`` (found at ``where``)."""
+    stack: list[tuple[str, Any]] = [(where, value)]
     while stack:
         where, item = stack.pop()
         kind = type(item)
@@ -114,27 +114,123 @@ def encode_full(value: Any) -> Encoded:
         if "Recursion limit" in text:
             raise EncodeError("the data is nested too deeply or contains a cycle") from exc
         raise EncodeError(text) from exc
-    spans = _diff.top_level_spans(out) if isinstance(value, dict) else None
+    spans = _spans_of(value, out) if isinstance(value, dict) else None
     # NaN and Infinity come out of orjson as null, so only a value whose output holds a
-    # null can hide one: look closer at those top-level values alone.
-    if b"null" in out:
-        if spans is not None and len(spans) == len(value):
-            for (key, item), (start, end) in zip(value.items(), spans.values(), strict=True):
-                if out.find(b"null", start, end) >= 0:
-                    _check_finite({key: item})
-        else:
-            _check_finite(value)
+    # null can hide one. A small document is checked whole in one Rust-speed pass; in a
+    # large one, only the values whose bytes hold a null are looked into.
+    if len(out) > _SMALL and spans is not None and len(spans) == len(value):
+        _check_members(value, out, spans, 1, "")
+    elif b"null" in out:
+        _check_finite(value, "")
     return Encoded(out, False, spans)
 
 
-def _check_finite(value: Any) -> None:
+_SMALL = 32_768
+
+
+def _spans_of(value: dict[str, Any], out: bytes) -> _diff.Spans | None:
+    """The top-level spans of ``out``, which orjson just made from ``value``.
+
+    The keys and their order are known, so each member's key line is searched for
+    as a whole (twice as fast as scanning for any key line); none can occur inside
+    another member's value, where lines are indented deeper.
+    """
+    if not value:
+        return {}
+    close = len(out) - 3
+    if not out.endswith(b"\n}\n"):
+        return None
+    spans: _diff.Spans = {}
+    previous: bytes | None = None
+    start = 1
+    for key in value:
+        quoted = orjson.dumps(key)
+        header = b"\n  " + quoted + b": "
+        at = out.find(header, start, close)
+        if previous is None:
+            if at != 1:  # the first member starts right after the brace
+                return None
+        elif at < 0:
+            return None
+        else:
+            spans[previous] = (start, at - 1 if out[at - 1] == 0x2C else at)
+        previous, start = quoted[1:-1], at + len(header)
+    assert previous is not None
+    spans[previous] = (start, close)
+    return spans
+
+
+_NARROW_DEPTH = 16  # deeper than this, one Rust-speed pass over the rest is simpler
+
+
+def _check_members(
+    value: dict[str, Any], out: bytes, spans: _diff.Spans, depth: int, where: str
+) -> None:
+    """Reject NaN/Infinity among the top-level members of ``value``, given their spans
+    in the canonical bytes ``out``: a member whose bytes hold no ``null`` is skipped
+    unread, so a null in one small field never costs a pass over a large sibling."""
+    for (key, item), (start, end) in zip(value.items(), spans.values(), strict=True):
+        if item is None or out.find(b"null", start, end) < 0:
+            continue
+        _check_item(item, out, start, end, depth=depth + 1, where=f"{where}/{key}")
+
+
+def _check_item(item: Any, out: bytes, start: int, end: int, *, depth: int, where: str) -> None:
+    """Reject NaN/Infinity in ``item``, whose canonical bytes are ``out[start:end]`` and
+    hold a ``null``; an object's own keys sit at nesting ``depth``."""
+    kind = type(item)
+    if kind is float:
+        if not math.isfinite(item):
+            _reject_nonfinite(item, where)
+    elif kind is dict and depth <= _NARROW_DEPTH:
+        _check_object(item, out, start, end, depth=depth, where=where)
+    else:
+        _check_finite(item, where)
+
+
+def _check_object(
+    value: dict[str, Any], out: bytes, start: int, end: int, *, depth: int, where: str
+) -> None:
+    """Visit only the members of ``value`` (bytes ``out[start:end]``) that hold a null.
+
+    Each null found belongs to the member whose key line (``2 * depth`` spaces and a
+    quote: only this object's own keys look like that) comes last before it; a None
+    member is the null itself, anything else is looked into. One pass over the
+    object in all, instead of one to find its members and another to search them.
+    """
+    key_line = _diff.key_line(depth)
+    prefix = len(key_line)
+    pos = out.find(b"null", start, end)
+    while pos >= 0:
+        line = out.rfind(key_line, start, pos)
+        match = _diff.KEY_BODY.match(out, line + prefix, end) if line >= 0 else None
+        if match is None:
+            _check_finite(value, where)  # not the layout expected: look properly
+            return
+        raw_key = out[line + prefix : match.end() - 3]
+        try:
+            key = raw_key.decode() if b"\\" not in raw_key else json.loads(b'"' + raw_key + b'"')
+            item = value[key]
+        except (ValueError, KeyError):
+            _check_finite(value, where)
+            return
+        if item is None:
+            after = match.end() + 4  # the value is this very null
+        else:
+            nxt = _diff.key_start(depth).search(out, pos, end)
+            after = nxt.start() if nxt is not None else end
+            _check_item(item, out, match.end(), after, depth=depth + 1, where=f"{where}/{key}")
+        pos = out.find(b"null", after, end)
+
+
+def _check_finite(value: Any, where: str) -> None:
     # A second, Rust-speed encoding spells NaN/Infinity out; only then walk in Python.
     try:
         spelled = pydantic_core.to_json(value, inf_nan_mode="constants")
     except Exception:  # noqa: BLE001 - any doubt means: look properly
         spelled = b"NaN"
     if b"NaN" in spelled or b"Infinity" in spelled:
-        _reject_nonfinite(value)
+        _reject_nonfinite(value, where)
 
 
 def _reject_non_string_keys(value: Any) -> None:

@@ -12,7 +12,10 @@ blocks in the kernel on a helper thread, so the wait has no poll latency and sti
 honours the timeout. On Windows, filelock does the locking.
 
 The holder writes who it is (pid, host, since, operation) into the lock file while it
-holds the lock, so a waiter that times out can say who blocked it.
+holds the lock, so a waiter that times out can say who blocked it. On release it
+leaves a mark only it could have written (not JSON, so never read as a holder): if
+the mark is still there at its next acquire, nobody took the lock in between, and
+what it learned under the lock last time (the backups listing) still holds.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from . import _fs
 from ._time import now_iso
@@ -153,6 +158,14 @@ class ProcessLock:
         self._fd_pid = 0
         self._pending: _Waiter | None = None  # a waiter still blocked after a timeout
         self._held_by: tuple[int, int, str, str] | None = None  # pid, thread id, since, op
+        self._nonce = os.urandom(8).hex()
+        self._mark: bytes | None = None  # what our last release left in the lock file
+        self.holds = 0
+        """How many times this process took the lock through this object."""
+        self.undisturbed = False
+        """True in a hold when no other process took the lock since this object's
+        previous hold (threads and ``PipelineState`` objects of this process share this
+        object: compare :attr:`holds` to tell them apart)."""
 
     def acquire(self, timeout: float | None, operation: str, state_path: Path) -> None:
         """Take the lock within ``timeout`` seconds (None waits forever), or raise."""
@@ -174,7 +187,18 @@ class ProcessLock:
             raise
         since = now_iso()
         self._held_by = (os.getpid(), threading.get_ident(), since, operation)
+        self.holds += 1
+        self.undisturbed = self._mark is not None and self._read_mark() == self._mark
+        self._mark = None
         self._write_holder(since, operation)
+
+    def _read_mark(self) -> bytes | None:
+        if self._fd is None:  # pragma: no cover - Windows
+            return None
+        try:
+            return os.pread(self._fd, len(self._mark or b"") + 1, 0)
+        except OSError:
+            return None
 
     def _acquire_os(
         self, timeout: float | None, start: float, operation: str, state_path: Path
@@ -255,8 +279,7 @@ class ProcessLock:
                 import fcntl
 
                 assert self._fd is not None
-                with contextlib.suppress(OSError):  # a read-only lock file keeps no record
-                    os.ftruncate(self._fd, 0)
+                self._leave_mark(self._fd)
                 # The descriptor is closed after each release, so a process that touches
                 # many state files does not keep one open per file; reopening costs ~10 us.
                 fd, self._fd = self._fd, None
@@ -272,6 +295,17 @@ class ProcessLock:
         finally:
             self._threads.release()
 
+    def _leave_mark(self, fd: int) -> None:
+        """Replace the holder record with this hold's release mark (still locked)."""
+        mark = f"released {os.getpid()} {self._nonce} {self.holds}\n".encode()
+        try:
+            os.pwrite(fd, mark, 0)
+            os.ftruncate(fd, len(mark))
+        except OSError:  # a read-only lock file keeps no record, and proves nothing
+            self._mark = None
+            return
+        self._mark = mark
+
     def held_by_current_thread(self) -> bool:
         """True when this thread of this process holds the lock."""
         held = self._held_by
@@ -280,9 +314,11 @@ class ProcessLock:
     def _write_holder(self, since: str, operation: str) -> None:
         if os.name == "nt" or self._fd is None:  # pragma: no cover
             return
-        record = json.dumps(
-            {"pid": os.getpid(), "host": _HOST, "since": since, "operation": operation}
-        ).encode()
+        holder = {"pid": os.getpid(), "host": _HOST, "since": since, "operation": operation}
+        try:
+            record = orjson.dumps(holder)
+        except TypeError:  # e.g. a lone surrogate in the operation name
+            record = json.dumps(holder).encode()
         try:
             os.pwrite(self._fd, record, 0)
             os.ftruncate(self._fd, len(record))
@@ -324,6 +360,9 @@ class ProcessLock:
         self._threads = threading.Lock()
         self._held_by = None
         self._pending = None  # its thread does not exist in the child
+        self._nonce = os.urandom(8).hex()
+        self._mark = None  # the parent's mark proves nothing about the child
+        self.undisturbed = False
 
 
 _registry: dict[str, ProcessLock] = {}

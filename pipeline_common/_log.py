@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from . import _fs
 
 __all__ = ["Tail", "TransactionLog", "line_hash", "parse_line", "read_lines"]
@@ -134,12 +136,7 @@ class TransactionLog:
             "prev": tail.line_hash or None,
         }
         record.pop("commits", None)
-        # default=str: a datetime or Path in txn.details must not fail a commit that
-        # already happened.
-        line = json.dumps(
-            record, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str
-        )
-        raw = line.encode("utf-8")
+        raw = _encode_record(record)
         path = str(self.path)
         new_file = not os.path.exists(path)
         # Read-write: the tail checks below read the file through this descriptor.
@@ -174,6 +171,23 @@ class TransactionLog:
         )
         self._cache = (st.st_ino, st.st_size, new_tail)
         return record
+
+
+_RECORD_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def _encode_record(record: dict[str, Any]) -> bytes:
+    """One compact UTF-8 JSON line. ``default=str``: a datetime or Path in txn.details
+    must not fail a commit that already happened."""
+    try:
+        return orjson.dumps(record, default=str, option=_RECORD_OPTIONS)
+    except TypeError:
+        # Integers beyond 64 bits or non-string keys in details: the stdlib writes
+        # those (and raises ValueError for what it cannot, which the caller reports).
+        line = json.dumps(
+            record, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str
+        )
+        return line.encode("utf-8")
 
 
 def read_lines(path: Path) -> list[bytes]:

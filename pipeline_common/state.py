@@ -146,6 +146,7 @@ class PipelineState:
             self._locked_operation,
             compress=compress_backups,
             durable=durability == "full",
+            lock=self._lock,
         )
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline_common import _json
+from pipeline_common import _diff, _json
 
 # JSON values as Python builds them; text excludes lone surrogates (Hypothesis' default).
 _SCALARS = (
@@ -142,6 +142,83 @@ def test_encode_rejects_what_is_not_strict_json(value: dict[Any, Any]) -> None:
         _json.encode(value)
 
 
+# Keys and strings that look like what the NaN screen searches for (null, key lines).
+_TRICKY_TEXT = st.sampled_from(
+    ["null", "nullable", 'a"null', "\\null", "x\\", "", "é", "/", "~1", '\n  "k": null']
+) | st.text(max_size=6)
+_MAYBE_NONFINITE = st.recursive(
+    st.none()
+    | st.floats()  # NaN and +-Infinity included
+    | st.integers()
+    | _TRICKY_TEXT,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(_TRICKY_TEXT, children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_nonfinite(v) for v in value)
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_TRICKY_TEXT, _MAYBE_NONFINITE, max_size=6))
+def test_encode_rejects_nonfinite_floats_exactly_when_present(value: dict[str, Any]) -> None:
+    """The NaN screen (which only looks into members whose bytes hold a null) refuses
+    every document with a NaN or Infinity anywhere, and nothing else."""
+    if _has_nonfinite(value):
+        with pytest.raises(_json.EncodeError):
+            _json.encode_full(value)
+    else:
+        assert json.loads(_json.encode_full(value).data) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"a": {"b": None, "c": {"d": math.nan}}}, "/a/c/d"),
+        ({"a": {"null": math.inf, "b": None}}, "/a/null"),
+        ({"a": {"b": "null", "c": [1, None, -math.inf]}}, "/a/c/2"),
+        ({"a": {'x"null': math.nan}}, '/a/x"null'),
+        ({"a": {"x\\": {"y": None, "z": math.nan}}}, "/a/x\\/z"),
+        (
+            {"big": {f"k{i}": {"v": i} for i in range(1000)}, "p": {"t": None, "m": math.nan}},
+            "/p/m",
+        ),
+    ],
+)
+def test_encode_names_where_the_nonfinite_float_is(value: dict[str, Any], where: str) -> None:
+    """The error names the path of the NaN or Infinity, however deep it is."""
+    with pytest.raises(_json.EncodeError) as info:
+        _json.encode_full(value)
+    assert f"at {where} is not valid JSON" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [math.nan, None])
+def test_nonfinite_screen_goes_deeper_than_its_narrowing_limit(bad: float | None) -> None:
+    """Past the depth where the screen stops narrowing, NaN is still found (and a
+    None at that depth is still accepted)."""
+    root: dict[str, Any] = {}
+    node = root
+    for i in range(40):
+        node["sibling"] = None
+        node[f"d{i}"] = {}
+        node = node[f"d{i}"]
+    node["x"] = bad
+    if bad is None:
+        assert json.loads(_json.encode(root)) == root
+    else:
+        with pytest.raises(_json.EncodeError):
+            _json.encode(root)
+
+
 def test_encode_rejects_deep_nesting_without_recursion_error() -> None:
     """100k levels of nesting raise EncodeError, not RecursionError."""
     root: dict[str, Any] = {}
@@ -209,3 +286,15 @@ def test_big_floats_and_negative_zero_round_trip() -> None:
     back = _json.decode(_json.encode(value))
     assert back == value
     assert math.copysign(1.0, back["negzero"]) == -1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_TRICKY_TEXT, JSON_VALUES, max_size=8))
+def test_encoder_spans_match_a_scan_of_the_bytes(value: dict[str, Any]) -> None:
+    """The spans the encoder finds from the keys it knows are exactly those a scan of
+    the bytes finds, and each one holds exactly that member's value."""
+    encoded = _json.encode_full(value)
+    assert encoded.spans == _diff.top_level_spans(encoded.data)
+    assert encoded.spans is not None
+    for key, (start, end) in zip(value, encoded.spans.values(), strict=True):
+        assert json.loads(encoded.data[start:end]) == value[key]

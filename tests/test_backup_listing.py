@@ -1,0 +1,216 @@
+"""The remembered backups listing: used only when nothing can have changed since.
+
+A commit lists the backups folder to name the new backup and prune the oldest. That
+listing is remembered and reused by the next commit of the same process, but only if
+no other process took the lock in between (the lock file still holds this process's
+release mark) and the folder's signature is unchanged. Each test below makes one of
+those conditions false and checks that the backups stay exactly right.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline_common import PipelineState, StateWarning
+from pipeline_common._backup import BackupManager
+from pipeline_common._lock import ProcessLock
+
+_MAX = 3
+
+
+@pytest.fixture
+def listings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts real listings of a backups folder (calls of BackupManager.names)."""
+    calls: list[int] = []
+    real = BackupManager.names
+
+    def counting(self: BackupManager) -> list[str]:
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(BackupManager, "names", counting)
+    return calls
+
+
+@pytest.fixture(params=["fine", "frozen"])
+def folder_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test twice: with real folder signatures, and with signatures that never
+    change (a file system whose timestamps are too coarse to show a change), so the
+    lock's evidence alone must keep the listing right."""
+    if request.param == "frozen":
+        monkeypatch.setattr("pipeline_common._backup._signature", lambda folder: (1,))
+    return str(request.param)
+
+
+def _backup_contents(state: PipelineState) -> list[Any]:
+    """The ``n`` of every backup, oldest first, from a fresh look at the folder."""
+    names = sorted(n for n in os.listdir(state.backups_dir) if n.endswith(".json.bak"))
+    return [json.loads((state.backups_dir / n).read_bytes())["n"] for n in names]
+
+
+def _commit(state: PipelineState, n: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StateWarning)  # a failed prune warns: fail instead
+        with state.transaction() as txn:
+            txn.data["n"] = n
+
+
+def test_the_listing_is_reused_between_commits_and_stays_right(
+    tmp_path: Path, listings: list[int]
+) -> None:
+    """200 commits list the folder only every 64th time, and after each one the folder
+    holds exactly the newest max_backups replaced versions."""
+    state = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    state.write({"n": 0})
+    listings.clear()
+    for n in range(1, 201):
+        _commit(state, n)
+        assert _backup_contents(state) == list(range(max(n - _MAX, 0), n))
+    assert 200 // 64 <= len(listings) <= 200 // 64 + 2
+
+
+def test_two_states_of_one_process_on_one_file_never_share_a_stale_listing(
+    tmp_path: Path, folder_clock: str
+) -> None:
+    """Two PipelineState objects on one path share the lock: each commit of one makes
+    the other's remembered listing useless, and it lists afresh."""
+    a = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    b = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    a.write({"n": 0})
+    for n in range(1, 41):
+        _commit(a if n % 3 else b, n)
+        assert _backup_contents(a) == list(range(max(n - _MAX, 0), n))
+
+
+def _commit_in_child(path: Path, first: int, count: int) -> None:
+    code = (
+        "import sys; from pipeline_common import PipelineState\n"
+        f"s = PipelineState({str(path)!r}, max_backups={_MAX})\n"
+        f"for n in range({first}, {first + count}):\n"
+        "    with s.transaction() as t: t.data['n'] = n\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_commits_of_another_process_in_between_are_seen(
+    tmp_path: Path, listings: list[int], folder_clock: str
+) -> None:
+    """Another process that commits between two of ours changes the lock file's mark,
+    so our next commit lists the folder instead of pruning by a stale listing."""
+    state = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    state.write({"n": 0})
+    n = 0
+    for _ in range(4):
+        for _ in range(3):
+            n += 1
+            _commit(state, n)
+        _commit_in_child(state.path, n + 1, 2)
+        n += 2
+        listings.clear()
+        n += 1
+        _commit(state, n)
+        assert listings, "the commit after another process's must list the folder"
+        assert _backup_contents(state) == list(range(n - _MAX, n))
+
+
+def test_a_change_made_by_hand_in_the_backups_folder_is_seen(
+    tmp_path: Path, listings: list[int]
+) -> None:
+    """Deleting or adding a backup by hand changes the folder's signature: the next
+    commit lists afresh (no prune of a missing name, no forgotten extra backup)."""
+    state = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    state.write({"n": 0})
+    for n in range(1, 6):
+        _commit(state, n)
+    time.sleep(0.05)  # past any coarse timestamp tick of the file system
+    oldest = min(state.backups_dir.iterdir())
+    oldest.unlink()
+    listings.clear()
+    _commit(state, 6)
+    assert listings
+    assert _backup_contents(state) == [3, 4, 5]
+
+    time.sleep(0.05)
+    extra = state.backups_dir / "pipeline_20000101_000000_000000.json.bak"
+    extra.write_text('{"n": -1}\n')
+    listings.clear()
+    _commit(state, 7)
+    assert listings
+    assert not extra.exists(), "the hand-made oldest backup is pruned first"
+    assert _backup_contents(state) == [4, 5, 6]
+
+
+def test_the_lock_tells_whether_anyone_took_it_since_our_last_hold(tmp_path: Path) -> None:
+    """undisturbed is True only when the lock file still holds our release mark."""
+    path = tmp_path / "x.lock"
+    lock = ProcessLock(path)
+    lock.acquire(5, "t", tmp_path / "x.json")
+    assert not lock.undisturbed  # no previous hold
+    lock.release()
+    lock.acquire(5, "t", tmp_path / "x.json")
+    assert lock.undisturbed
+    lock.release()
+
+    # Another program takes the lock and writes into the file, as any holder does.
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, b'{"pid": 1}', 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    lock.acquire(5, "t", tmp_path / "x.json")
+    assert not lock.undisturbed
+    lock.release()
+    lock.acquire(5, "t", tmp_path / "x.json")
+    assert lock.undisturbed
+    lock.release()
+
+
+def test_a_released_lock_file_names_no_holder(tmp_path: Path) -> None:
+    """The release mark is not a holder record: nobody is reported as holding it."""
+    from pipeline_common._lock import read_holder
+
+    state = PipelineState(tmp_path / "pipeline.json")
+    state.write({"n": 1})
+    assert state.lock_path.read_bytes().startswith(b"released ")
+    assert read_holder(state.lock_path) is None
+    assert state.lock_info().held is False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_lists_afresh_and_so_does_its_parent_after_it(
+    tmp_path: Path, listings: list[int]
+) -> None:
+    """A child inherits the parent's remembered listing but never trusts it, and the
+    parent sees the child's commit through the lock file."""
+    state = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    state.write({"n": 0})
+    for n in range(1, 5):
+        _commit(state, n)
+    listings.clear()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            _commit(state, 5)
+            ok = bool(listings) and _backup_contents(state) == [2, 3, 4]
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    listings.clear()
+    _commit(state, 6)
+    assert listings
+    assert _backup_contents(state) == [3, 4, 5]
