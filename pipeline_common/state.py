@@ -40,6 +40,7 @@ from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
 from ._diff import Diff
+from ._digest import Digest
 from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyReport
 from ._lock import ProcessLock, get_process_lock, read_holder
 from ._log import Tail, TransactionLog
@@ -614,12 +615,12 @@ class PipelineState:
         finally:
             os.close(fd)
 
-    def _is_logged_commit(self, st: os.stat_result | None) -> bool:
+    def _is_logged_commit(self, st: os.stat_result | None, tail: Tail | None = None) -> bool:
         """True when ``st`` is the very file the newest commit record wrote."""
         if st is None:
             return False
         try:
-            last = self._log.tail().last_commit
+            last = (tail if tail is not None else self._log.tail()).last_commit
         except (OSError, ValueError, TypeError):
             return False
         return (
@@ -675,8 +676,9 @@ class PipelineState:
         if raw is None or st is None:
             return _Current(None)
         current = _Current(raw, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
-        last = self._tail().last_commit
-        if self._is_logged_commit(st):
+        tail = self._tail()
+        last = tail.last_commit
+        if self._is_logged_commit(st, tail):
             current.trusted = True  # exactly the file our newest record committed
             return current
         digest = hashlib.sha256(raw).hexdigest()
@@ -817,6 +819,7 @@ class PipelineState:
                 payload, long_ints, new_spans = encoded.data, encoded.long_ints, encoded.spans
                 if txn.validate:
                     self._validate(txn.data)
+            digest = Digest(payload)  # hashed beside the write (large payloads)
             backup = None
             if current.data is not None and txn.backup:
                 backup = self.backup_manager.link_current(
@@ -841,7 +844,7 @@ class PipelineState:
         except StateDurabilityError as exc:
             # Visible already: record it as the commit it is, flagged as maybe not durable.
             commit: dict[str, Any] = {
-                "sha256": hashlib.sha256(payload).hexdigest(),
+                "sha256": digest.hexdigest(),
                 "size": len(payload),
                 **({"long_integers": True} if long_ints else {}),
             }
@@ -854,7 +857,7 @@ class PipelineState:
             step = getattr(exc, "step", None)
             self._log_quietly(txn, success=False, error=f"{type(exc).__name__}: {exc}", step=step)
             raise
-        digest = hashlib.sha256(payload).hexdigest()
+        sha256 = digest.hexdigest()
         cached = self._committed_spans
         old_spans = (
             cached[1]
@@ -876,7 +879,7 @@ class PipelineState:
             txn,
             success=True,
             commit={
-                "sha256": digest,
+                "sha256": sha256,
                 "size": committed.size,
                 "stat": [committed.ino, committed.mtime_ns],
                 "changes": changes,
