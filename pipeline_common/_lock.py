@@ -41,6 +41,16 @@ __all__ = ["ProcessLock", "get_process_lock", "read_holder"]
 _HOST = socket.gethostname()
 
 
+_RECORD = 256  # holder records and release marks are padded to this many bytes
+
+
+def _pad(record: bytes) -> bytes:
+    """``record`` padded with spaces (JSON allows them) to ``_RECORD`` bytes, newline
+    last, so each write covers the previous one and the file's length never changes:
+    one ``pwrite``, no ``ftruncate``. A longer record is left as it is."""
+    return record.ljust(_RECORD - 1) + b"\n" if len(record) < _RECORD else record
+
+
 class _Waiter:
     """Blocks in flock on its own descriptor, on a helper thread.
 
@@ -160,6 +170,7 @@ class ProcessLock:
         self._held_by: tuple[int, int, str, str] | None = None  # pid, thread id, since, op
         self._nonce = os.urandom(8).hex()
         self._mark: bytes | None = None  # what our last release left in the lock file
+        self._length = -1  # the lock file's length after our last write (-1: unknown)
         self.holds = 0
         """How many times this process took the lock through this object."""
         self.undisturbed = False
@@ -188,15 +199,17 @@ class ProcessLock:
         since = now_iso()
         self._held_by = (os.getpid(), threading.get_ident(), since, operation)
         self.holds += 1
-        self.undisturbed = self._mark is not None and self._read_mark() == self._mark
+        found = self._read_record()
+        self.undisturbed = self._mark is not None and found == self._mark
         self._mark = None
-        self._write_holder(since, operation)
+        self._write_holder(since, operation, len(found) if found is not None else -1)
 
-    def _read_mark(self) -> bytes | None:
+    def _read_record(self) -> bytes | None:
+        """What the lock file holds now (its first ``_RECORD + 1`` bytes)."""
         if self._fd is None:  # pragma: no cover - Windows
             return None
         try:
-            return os.pread(self._fd, len(self._mark or b"") + 1, 0)
+            return os.pread(self._fd, _RECORD + 1, 0)
         except OSError:
             return None
 
@@ -297,10 +310,11 @@ class ProcessLock:
 
     def _leave_mark(self, fd: int) -> None:
         """Replace the holder record with this hold's release mark (still locked)."""
-        mark = f"released {os.getpid()} {self._nonce} {self.holds}\n".encode()
+        mark = _pad(f"released {os.getpid()} {self._nonce} {self.holds}".encode())
         try:
             os.pwrite(fd, mark, 0)
-            os.ftruncate(fd, len(mark))
+            if self._length != len(mark):
+                os.ftruncate(fd, len(mark))
         except OSError:  # a read-only lock file keeps no record, and proves nothing
             self._mark = None
             return
@@ -311,19 +325,23 @@ class ProcessLock:
         held = self._held_by
         return held is not None and held[0] == os.getpid() and held[1] == threading.get_ident()
 
-    def _write_holder(self, since: str, operation: str) -> None:
+    def _write_holder(self, since: str, operation: str, length: int) -> None:
+        """Write the holder record over whatever the file holds (``length`` bytes)."""
+        self._length = -1
         if os.name == "nt" or self._fd is None:  # pragma: no cover
             return
         holder = {"pid": os.getpid(), "host": _HOST, "since": since, "operation": operation}
         try:
-            record = orjson.dumps(holder)
+            record = _pad(orjson.dumps(holder))
         except TypeError:  # e.g. a lone surrogate in the operation name
-            record = json.dumps(holder).encode()
+            record = _pad(json.dumps(holder).encode())
         try:
             os.pwrite(self._fd, record, 0)
-            os.ftruncate(self._fd, len(record))
+            if length != len(record):  # records are padded to one size: rarely needed
+                os.ftruncate(self._fd, len(record))
         except OSError:
-            pass  # informational only; a read-only lock file still locks
+            return  # informational only; a read-only lock file still locks
+        self._length = len(record)
 
     def _flock_error(self, exc: OSError, timeout: float | None, state_path: Path) -> StateLockError:
         return StateLockError(

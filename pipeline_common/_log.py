@@ -47,6 +47,7 @@ class TransactionLog:
         self.path = path
         self.mode = mode
         self._cache: tuple[int, int, Tail] | None = None  # (ino, size) -> tail
+        self._seen = False  # whether the last tail() found the file
 
     # -- reading -------------------------------------------------------------
 
@@ -55,7 +56,9 @@ class TransactionLog:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            self._seen = False
             return Tail()
+        self._seen = True
         cache = self._cache
         if cache is not None and cache[0] == st.st_ino and cache[1] == st.st_size:
             return cache[2]
@@ -138,7 +141,7 @@ class TransactionLog:
         record.pop("commits", None)
         raw = _encode_record(record)
         path = str(self.path)
-        new_file = not os.path.exists(path)
+        new_file = not self._seen  # tail() just looked (a stat less per commit)
         # Read-write: the tail checks below read the file through this descriptor.
         fd = _fs.open_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, self.mode)
         try:
