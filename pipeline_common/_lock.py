@@ -173,6 +173,9 @@ class ProcessLock:
         self._length = -1  # the lock file's length after our last write (-1: unknown)
         self.holds = 0
         """How many times this process took the lock through this object."""
+        self.folder_changes = 0
+        """Changes to the backups folder made through this lock by this process (under
+        it), counted so a remembered listing is never trusted across one."""
         self.undisturbed = False
         """True in a hold when no other process took the lock since this object's
         previous hold (threads and ``PipelineState`` objects of this process share this

@@ -54,7 +54,9 @@ def folder_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
 def _backup_contents(state: PipelineState) -> list[Any]:
     """The ``n`` of every backup, oldest first, from a fresh look at the folder."""
-    names = sorted(n for n in os.listdir(state.backups_dir) if n.endswith(".json.bak"))
+    names = sorted(
+        n for n in os.listdir(state.backups_dir) if n.endswith(".json.bak") and "\n" not in n
+    )
     return [json.loads((state.backups_dir / n).read_bytes())["n"] for n in names]
 
 
@@ -214,3 +216,42 @@ def test_a_forked_child_lists_afresh_and_so_does_its_parent_after_it(
     _commit(state, 6)
     assert listings
     assert _backup_contents(state) == [3, 4, 5]
+
+
+def test_a_change_by_another_object_inside_our_hold_is_seen(
+    tmp_path: Path, folder_clock: str
+) -> None:
+    """create_backup() of a second PipelineState joins the first one's transaction and
+    changes the folder inside the same lock hold: neither object then trusts its
+    remembered listing (the lock counts every change to the folder)."""
+    a = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    b = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    a.write({"n": 0})
+    for n in range(1, 5):
+        _commit(a, n)
+    b.backup_manager.create_backup()  # b remembers a listing too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StateWarning)
+        with a.transaction() as txn:
+            b.backup_manager.create_backup()  # inside a's hold
+            txn.data["n"] = 5
+        b.backup_manager.create_backup()  # the next hold: b's listing is stale by a's commit
+    names = sorted(n for n in os.listdir(a.backups_dir) if n.endswith(".json.bak"))
+    assert len(names) == _MAX
+    assert json.loads((a.backups_dir / names[-1]).read_bytes()) == {"n": 5}
+
+
+def test_a_name_with_a_newline_is_never_taken_for_a_backup(tmp_path: Path) -> None:
+    """POSIX names may hold a newline; one that looks like a backup on its second line
+    is not listed, and commits go on without warnings."""
+    state = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
+    state.write({"n": 0})
+    _commit(state, 1)
+    odd = state.backups_dir / "junk\npipeline_20000101_000000_000000.json.bak"
+    odd.write_text("{}")
+    assert all("\n" not in n for n in state.backup_manager.names())
+    assert len(state.backup_manager.names()) == 1
+    for n in range(2, 8):
+        _commit(state, n)
+    assert odd.exists()  # not ours: left alone
+    assert _backup_contents(state) == [4, 5, 6]

@@ -298,3 +298,19 @@ def test_encoder_spans_match_a_scan_of_the_bytes(value: dict[str, Any]) -> None:
     assert encoded.spans is not None
     for key, (start, end) in zip(value, encoded.spans.values(), strict=True):
         assert json.loads(encoded.data[start:end]) == value[key]
+
+
+def test_an_enum_member_holding_nan_is_rejected() -> None:
+    """orjson writes an Enum member as its value: a NaN value must not become null."""
+    import enum
+
+    class Level(enum.Enum):
+        BAD = float("nan")
+        OK = 1.5
+
+    with pytest.raises(_json.EncodeError, match="NaN and Infinity"):
+        _json.encode({"level": Level.BAD, "t": None})
+    big = {f"k{i}": {"v": i, "n": None} for i in range(2000)}  # past the small-document path
+    with pytest.raises(_json.EncodeError):
+        _json.encode({**big, "p": {"level": Level.BAD, "t": None}})
+    assert json.loads(_json.encode({"level": Level.OK, "t": None})) == {"level": 1.5, "t": None}
