@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from ._diff import MISSING, Change, Diff
 from ._history import BackupInfo, Check, HistoryRecord, LockInfo, RepairReport, VerifyReport
+from ._redis_lock import RedisLock
 from .errors import (
     StateBackupError,
     StateConflictError,
     StateDurabilityError,
     StateError,
     StateLockError,
+    StateLockLostError,
+    StateLockUnavailableError,
     StateReadError,
     StateSchemaError,
     StateSerializationError,
@@ -42,6 +45,7 @@ __all__ = [
     "PipelineState",
     "ProgressError",
     "ProgressTracker",
+    "RedisLock",
     "RepairReport",
     "RetryExhaustedError",
     "RetryHandler",
@@ -51,6 +55,8 @@ __all__ = [
     "StateDurabilityError",
     "StateError",
     "StateLockError",
+    "StateLockLostError",
+    "StateLockUnavailableError",
     "StateReadError",
     "StateSchemaError",
     "StateSerializationError",

@@ -20,9 +20,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import _fs, _json
 from ._lock import ProcessLock
+
+if TYPE_CHECKING:
+    from ._redis_lock import CrossHostLock
 from .errors import StateBackupError, StateWriteError
 
 __all__ = ["BackupManager"]
@@ -56,7 +60,7 @@ class BackupManager:
         *,
         compress: bool = False,
         durable: bool = True,
-        lock: ProcessLock | None = None,
+        lock: ProcessLock | CrossHostLock | None = None,
     ) -> None:
         self.state_path = state_path
         self.backups_dir = backups_dir

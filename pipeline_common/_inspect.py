@@ -173,6 +173,8 @@ def verify(state: PipelineState) -> VerifyReport:
             )
 
     checks.append(_check_chain(lines))
+    if any("fence" in r for r in commits):
+        checks.append(_check_fences(commits))
     checks.append(_check_backups(state, commits))
     checks.append(_check_debris(state))
     checks.append(_check_lock_file(state))
@@ -208,6 +210,26 @@ def _check_chain(lines: list[bytes]) -> Check:
         )
         return Check("log chain intact", False, shown)
     return Check("log chain intact", True, f"{len(lines)} records")
+
+
+def _check_fences(commits: list[dict[str, Any]]) -> Check:
+    """Commits made under the Redis lock carry fencing tokens that must only grow: a
+    token that does not is a commit by a writer that had lost the lock."""
+    problems = []
+    newest = 0
+    for record in commits:
+        fence = record.get("fence")
+        if not isinstance(fence, int):
+            continue
+        if fence <= newest:
+            problems.append(
+                f"seq {record.get('seq')}: token {fence} after {newest} (a writer that had "
+                "lost the lock committed)"
+            )
+        newest = max(newest, fence)
+    if problems:
+        return Check("fencing tokens grow", False, "; ".join(problems[:5]))
+    return Check("fencing tokens grow", True, f"newest token {newest}")
 
 
 def _check_backups(state: PipelineState, commits: list[dict[str, Any]]) -> Check:

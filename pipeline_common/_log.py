@@ -298,4 +298,5 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "pid": int,
     "host": str,
     "prev": str,
+    "fence": int,
 }

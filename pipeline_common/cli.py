@@ -213,13 +213,31 @@ def _schema(spec: str | None) -> type[BaseModel] | None:
     return model
 
 
-def _open(path: str, *, timeout: float | None = 10.0, schema: str | None = None) -> PipelineState:
+LOCK_ENV = "PIPELINE_STATE_LOCK"
+"""Environment variable with the lock to use when ``--lock`` is not given."""
+
+
+def _open(
+    path: str,
+    *,
+    timeout: float | None = 10.0,
+    schema: str | None = None,
+    lock: str | None = None,
+) -> PipelineState:
     """Open ``path``; a path with neither a state file nor sidecars is a typo, not a state.
 
     ``max_backups`` is unbounded here: the CLI does not know the pipeline's own limit,
     and must never prune backups the pipeline means to keep (its next commit prunes).
+    ``lock`` (``--lock``, else ``$PIPELINE_STATE_LOCK``, else flock) must be the lock
+    the pipeline itself uses.
     """
-    state = PipelineState(path, timeout=timeout, max_backups=sys.maxsize, schema=_schema(schema))
+    lock = lock or os.environ.get(LOCK_ENV) or None
+    try:
+        state = PipelineState(
+            path, timeout=timeout, max_backups=sys.maxsize, schema=_schema(schema), lock=lock
+        )
+    except (ValueError, ImportError) as exc:
+        raise CliError(f"--lock {lock}: {exc}", EXIT_USAGE) from exc
     if not (state.path.exists() or state.sidecar_dir.exists()):
         raise CliError(
             f"{path}: no such state file (and no {state.sidecar_dir.name}/ folder beside it); "
@@ -381,7 +399,7 @@ def _at_pointer(data: Any, pointer: str) -> Any:
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
     """Print the current state with its generation and last commit."""
-    state = _open(args.path, schema=args.schema)
+    state = _open(args.path, lock=args.lock, schema=args.schema)
     data, generation = _read(state)
     record = _last_commit(state, generation)
     value = _at_pointer(data, args.pointer) if args.pointer is not None else data
@@ -499,7 +517,7 @@ def _status_code(snap: dict[str, Any]) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     """Print the stage table; with --follow, redraw it until the pipeline ends."""
-    state = _open(args.path, schema=args.schema)
+    state = _open(args.path, lock=args.lock, schema=args.schema)
     if not args.follow:
         snap = _progress(state, args.stages)
         if args.json:
@@ -564,7 +582,7 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
 
 def cmd_history(args: argparse.Namespace, out: Output) -> int:
     """Print the transaction log, newest first, one line per record."""
-    state = _open(args.path, schema=args.schema)
+    state = _open(args.path, lock=args.lock, schema=args.schema)
     if args.n < 0:
         raise CliError(f"-n must be 0 (all) or more, not {args.n}", EXIT_USAGE)
     limit = args.n or None
@@ -597,7 +615,7 @@ def cmd_history(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_backups(args: argparse.Namespace, out: Output) -> int:
     """Print the backups, newest first."""
-    state = _open(args.path, schema=args.schema)
+    state = _open(args.path, lock=args.lock, schema=args.schema)
     infos = state.backups()
     if args.json:
         out.json({"path": str(state.path), "backups": [_backup_json(i) for i in infos]})
@@ -615,7 +633,7 @@ def cmd_backups(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     """Print the changes from A to B."""
-    state = _open(args.path, schema=args.schema)
+    state = _open(args.path, lock=args.lock, schema=args.schema)
     a, b = _resolve_ref(state, args.a), _resolve_ref(state, args.b)
     changes = state.diff(a.value, b.value)
     if args.json:
@@ -651,7 +669,7 @@ def _confirm(question: str) -> bool:
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     """Show what a restore changes, ask, and restore the backup."""
-    state = _open(args.path, timeout=args.timeout, schema=args.schema)
+    state = _open(args.path, lock=args.lock, timeout=args.timeout, schema=args.schema)
     info = _find_backup(state, args.backup)
     result: dict[str, Any] = {
         "path": str(state.path),
@@ -720,7 +738,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     """Print the integrity report; exit 1 when a check failed."""
-    state = _open(args.path, schema=args.schema)
+    state = _open(args.path, lock=args.lock, schema=args.schema)
     report = state.verify()
     if args.json:
         out.json(
@@ -746,7 +764,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_repair(args: argparse.Namespace, out: Output) -> int:
     """Run state.repair() and summarize what it did and what is left."""
-    state = _open(args.path, timeout=args.timeout, schema=args.schema)
+    state = _open(args.path, lock=args.lock, timeout=args.timeout, schema=args.schema)
     report = state.repair()
     if args.json:
         out.json(
@@ -781,7 +799,7 @@ def cmd_repair(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_lock(args: argparse.Namespace, out: Output) -> int:
     """Say whether the lock is held, and by whom."""
-    state = _open(args.path, schema=args.schema)
+    state = _open(args.path, lock=args.lock, schema=args.schema)
     info = state.lock_info()
     if args.json:
         out.json(
@@ -886,6 +904,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if json_help:
             p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        p.add_argument(
+            "--lock",
+            metavar="URL",
+            help="the lock the pipeline uses: 'flock' (default) or a Redis URL such as "
+            f"redis://host:6379/0 (default: ${LOCK_ENV})",
+        )
         p.set_defaults(handler=handler)
         return p
 

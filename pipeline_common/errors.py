@@ -9,6 +9,9 @@ subclasses the builtin it resembles, so generic handlers keep working::
           +-- StateValidationError        (also ValueError) the data fails the schema
           +-- StateSerializationError     (also ValueError) txn.data is not strict JSON
           +-- StateLockError              (also TimeoutError) the lock was not obtained in time
+          |    +-- StateLockUnavailableError  the lock server (Redis) cannot be reached
+          |    +-- StateLockLostError     the lock was lost during the transaction; the
+          |                               commit was refused before the replace
           +-- StateWriteError             a file-system step of a commit failed; nothing changed
           +-- StateDurabilityError        committed and visible, but maybe not durable
           +-- StateBackupError            a backup is unusable or cannot be restored
@@ -34,6 +37,8 @@ __all__ = [
     "StateDurabilityError",
     "StateError",
     "StateLockError",
+    "StateLockLostError",
+    "StateLockUnavailableError",
     "StateReadError",
     "StateSchemaError",
     "StateSerializationError",
@@ -130,6 +135,52 @@ class StateLockError(StateError, TimeoutError):
         self.lock_file = Path(lock_file) if lock_file is not None else None
         self.timeout = timeout
         self.holder = holder
+
+
+class StateLockUnavailableError(StateLockError):
+    """The lock server (Redis) could not be reached to take the lock; nothing was written.
+
+    Attributes:
+        url: The lock server's URL (without its password).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        url: str = "",
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(message, path=path, timeout=timeout)
+        self.url = url
+
+
+class StateLockLostError(StateLockError):
+    """The lock was lost while a transaction held it, so its commit was refused.
+
+    Raised right before the replace (fencing): the holder record in Redis is no longer
+    this transaction's, Redis cannot confirm it, or a newer holder already committed.
+    The state file is untouched and no log record was written (another writer may hold
+    the lock now); run the transaction again.
+
+    Attributes:
+        url: The lock server's URL (without its password).
+        token: This transaction's fencing token.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        url: str = "",
+        token: int | None = None,
+        holder: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, path=path, holder=holder)
+        self.url = url
+        self.token = token
 
 
 class StateWriteError(StateError):

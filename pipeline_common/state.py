@@ -44,10 +44,12 @@ from ._digest import Digest
 from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyReport
 from ._lock import ProcessLock, get_process_lock, read_holder
 from ._log import Tail, TransactionLog
+from ._redis_lock import CrossHostLock, RedisLock, local_lock_path, resolve_lock
 from ._time import now_iso
 from ._transaction import StateTransaction, _Current
 from .errors import (
     StateDurabilityError,
+    StateLockLostError,
     StateReadError,
     StateSchemaError,
     StateSerializationError,
@@ -92,6 +94,9 @@ class PipelineState:
             systems leave an empty state file (tests, tmpfs, scratch runs).
         compress_backups: Store backups gzip-compressed as ``.json.gz`` (a copy, not
             a hard link, so it costs time at every commit).
+        lock: ``"flock"`` (default: every process of one host), or a Redis URL
+            (``"redis://host:6379/0"``) or :class:`RedisLock` for processes on several
+            hosts sharing the folder (docs/multi-host.md); needs the ``redis`` extra.
 
     Sidecars: ``<path>.lock`` (never deleted), ``<dir>/.<stem>/backups/`` and
     ``<dir>/.<stem>/transactions.log``. The state file holds exactly the caller's JSON.
@@ -110,6 +115,7 @@ class PipelineState:
         migrations: Mapping[int, Callable[[dict[str, Any]], dict[str, Any] | None]] | None = None,
         durability: Literal["full", "atomic"] = "full",
         compress_backups: bool = False,
+        lock: str | RedisLock | None = None,
     ) -> None:
         if max_backups < 0:
             raise ValueError(f"max_backups must be >= 0, not {max_backups}")
@@ -138,7 +144,13 @@ class PipelineState:
         base = self._base_mode()
         self._file_mode = base & 0o666
         self._dir_mode = base | ((base & 0o444) >> 2)  # x wherever r, like a folder should
-        self._lock: ProcessLock = get_process_lock(self.lock_path, base & 0o660)
+        redis_lock = resolve_lock(lock)
+        self._lock: ProcessLock | CrossHostLock
+        if redis_lock is None:
+            self._lock = get_process_lock(self.lock_path, base & 0o660)
+        else:  # this host's flock queue first, then Redis (with fencing)
+            local = get_process_lock(local_lock_path(self.lock_path), base & 0o660)
+            self._lock = CrossHostLock(redis_lock, local, self.path, self._last_fence)
         self._log = TransactionLog(self.log_path, self._file_mode)
         self.backup_manager = BackupManager(
             self.path,
@@ -350,6 +362,9 @@ class PipelineState:
 
     def lock_info(self) -> LockInfo:
         """Whether the lock is held right now, and who holds it (pid, host, since, op)."""
+        if isinstance(self._lock, CrossHostLock):
+            held, holder = self._lock.info()
+            return LockInfo(self._lock.path, held, holder)
         if self._lock.held_by_current_thread():
             return LockInfo(self.lock_path, True, read_holder(self.lock_path))
         try:
@@ -714,6 +729,7 @@ class PipelineState:
                 },
                 "pid": os.getpid(),
                 "host": _HOST,
+                **self._fence_field(),
             }
         )
         return current
@@ -820,6 +836,7 @@ class PipelineState:
                 if txn.validate:
                     self._validate(txn.data)
             digest = Digest(payload)  # hashed beside the write (large payloads)
+            self._check_fence()  # before anything is written
             backup = None
             if current.data is not None and txn.backup:
                 backup = self.backup_manager.link_current(
@@ -830,7 +847,7 @@ class PipelineState:
                     self.path,
                     payload,
                     current.mode,
-                    before_replace=self.backup_manager.sync if backup is not None else None,
+                    before_replace=self._before_replace(backup is not None),
                     durable=self.durability == "full",
                 )
             except StateDurabilityError:
@@ -853,6 +870,8 @@ class PipelineState:
                 commit["stat"] = [st.st_ino, st.st_mtime_ns]
             self._log_quietly(txn, success=True, durable_error=str(exc), commit=commit)
             raise
+        except StateLockLostError:
+            raise  # another writer may hold the lock now: never touch its log
         except BaseException as exc:
             step = getattr(exc, "step", None)
             self._log_quietly(txn, success=False, error=f"{type(exc).__name__}: {exc}", step=step)
@@ -899,6 +918,36 @@ class PipelineState:
                     stacklevel=4,
                 )
 
+    # -- fencing (Redis lock only) ---------------------------------------------------
+
+    def _last_fence(self) -> int:
+        """The fencing token of the newest commit in the log (0: none)."""
+        last = self._tail().last_commit
+        fence = last.get("fence") if last is not None else None
+        return fence if isinstance(fence, int) else 0
+
+    def _fence_field(self) -> dict[str, int]:
+        """``{"fence": token}`` for a record written under the Redis lock, else ``{}``."""
+        token = self._lock.token if isinstance(self._lock, CrossHostLock) else None
+        return {"fence": token} if token is not None else {}
+
+    def _check_fence(self) -> None:
+        """Raise StateLockLostError unless our Redis hold is still the current one."""
+        if isinstance(self._lock, CrossHostLock):
+            self._lock.check(self._last_fence())
+
+    def _before_replace(self, sync_backups: bool) -> Callable[[], None] | None:
+        """What runs right before the rename: make the backup durable, then fence."""
+        if not isinstance(self._lock, CrossHostLock):
+            return self.backup_manager.sync if sync_backups else None
+
+        def sync_then_check() -> None:
+            if sync_backups:
+                self.backup_manager.sync()
+            self._check_fence()  # last, so the window to the rename is as small as it gets
+
+        return sync_then_check
+
     def _log_quietly(
         self,
         txn: StateTransaction,
@@ -925,6 +974,7 @@ class PipelineState:
             "pid": os.getpid(),
             "host": _HOST,
             "duration_ms": round((time.perf_counter() - txn._t0) * 1000, 3),
+            **self._fence_field(),
         }
         if commit is not None:
             record.update(commit)
