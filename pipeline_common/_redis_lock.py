@@ -220,7 +220,7 @@ class CrossHostLock:
         self._pid = 0
         self._connection: redis.Redis | None = None
         self._remote: portalocker.RedisLock | None = None
-        self._guard = threading.Lock()
+        self._releasing: threading.Thread | None = None  # the last hold's teardown
 
     # -- the ProcessLock interface ---------------------------------------------------
 
@@ -275,9 +275,10 @@ class CrossHostLock:
         import redis
 
         if self._pid != os.getpid():
-            # A forked child must not touch its parent's sockets or subscription.
+            # A forked child must not touch its parent's sockets, subscription or threads.
             self._connection = None
             self._remote = None
+            self._releasing = None
             self._pid = os.getpid()
         if self._connection is None:
             cfg = self.config
@@ -307,6 +308,9 @@ class CrossHostLock:
         import redis.exceptions
 
         connection = self._client()
+        releasing, self._releasing = self._releasing, None
+        if releasing is not None:
+            releasing.join()  # the previous hold's subscription is gone before a new one
         try:
             connection.ping()
         except redis.exceptions.RedisError as exc:
@@ -317,7 +321,7 @@ class CrossHostLock:
                 connection=connection,
                 check_interval=self.config.check_interval,
                 unavailable_timeout=self.config.unavailable_timeout,
-                thread_sleep_time=min(0.01, self.config.check_interval),
+                thread_sleep_time=min(0.005, self.config.check_interval),
                 interrupt_on_lost=False,  # a loss is caught at the commit (fencing)
             )
         remote = self._remote
@@ -326,8 +330,23 @@ class CrossHostLock:
         except portalocker.exceptions.AlreadyLocked:
             holder = self.holder()
             raise self._timeout_error(timeout, holder) from None
-        except redis.exceptions.RedisError as exc:
-            raise self._unavailable(exc, timeout) from exc
+        except (redis.exceptions.RedisError, portalocker.exceptions.LockException) as exc:
+            self._quiet_remote_release()
+            try:
+                connection.ping()
+            except redis.exceptions.RedisError:
+                raise self._unavailable(exc, timeout) from exc
+            raise StateLockError(
+                f"could not lock {self.state_path}: the Redis lock {self.channel!r} on "
+                f"{self.url} failed ({type(exc).__name__}: {exc}). Nothing was written; "
+                "run again.",
+                path=self.state_path,
+                lock_file=self.path,
+                timeout=timeout,
+            ) from exc
+        except BaseException:
+            self._quiet_remote_release()  # interrupted: never keep a half-taken lock
+            raise
         try:
             self._holder_id = uuid.uuid4().hex
             script = connection.register_script(_ACQUIRE_SCRIPT)
@@ -381,7 +400,14 @@ class CrossHostLock:
             connection.register_script(_RELEASE_SCRIPT)(
                 keys=[self.holder_key], args=[self._holder_id]
             )
-        self._quiet_remote_release()
+        # The record is gone, so no check can pass for this hold any more. Dropping the
+        # subscription waits for portalocker's reader thread (~10-20 ms): do it on a
+        # helper thread, joined by the next acquire, so the caller does not wait for it.
+        thread = threading.Thread(
+            target=self._quiet_remote_release, name="pipeline-redis-release", daemon=True
+        )
+        thread.start()
+        self._releasing = thread
 
     def _quiet_remote_release(self) -> None:
         remote = self._remote

@@ -936,6 +936,14 @@ class PipelineState:
         if isinstance(self._lock, CrossHostLock):
             self._lock.check(self._last_fence())
 
+    def _still_holds_lock(self) -> bool:
+        """False when a Redis lock was lost (flock cannot be lost while held)."""
+        try:
+            self._check_fence()
+        except StateLockLostError:
+            return False
+        return True
+
     def _before_replace(self, sync_backups: bool) -> Callable[[], None] | None:
         """What runs right before the rename: make the backup durable, then fence."""
         if not isinstance(self._lock, CrossHostLock):
@@ -958,6 +966,8 @@ class PipelineState:
         commit: dict[str, Any] | None = None,
         durable_error: str | None = None,
     ) -> dict[str, Any] | None:
+        if commit is None and not self._still_holds_lock():
+            return None  # a lost Redis lock: another writer may be appending right now
         details = dict(txn.details)
         if error is not None:
             details["error"] = error

@@ -368,6 +368,27 @@ def test_redis_killed_during_a_transaction_refuses_the_commit(
     assert PipelineState(path).read() == {"n": 1}
 
 
+def test_a_failing_block_after_the_lock_was_lost_logs_nothing(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The block's own error propagates unchanged; a lost holder appends no failure record."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    log_before = state.log_path.read_bytes()
+
+    def fail_after_redis_died() -> None:
+        with state.transaction() as txn:
+            txn.data["n"] = 2
+            redis_server.kill()
+            raise KeyError("the block's own error")
+
+    with pytest.raises(KeyError, match="own error"):
+        fail_after_redis_died()
+    assert state.log_path.read_bytes() == log_before
+    assert PipelineState(path).read() == {"n": 1}
+
+
 # Increments n once, but stops itself (SIGSTOP) inside the transaction; after SIGCONT
 # it reports how its commit ended.
 PAUSED = """
@@ -433,7 +454,7 @@ def test_redis_restarted_mid_run_keeps_the_counter_exact(
     """Kill and restart Redis twice while 3 hosts write: no lost or doubled increment."""
     path = tmp_path / "pipeline.json"
     workers = [
-        _spawn(WORKER, str(path), redis_server.url, "40", host=f"host{i}", cwd=tmp_path)
+        _spawn(WORKER, str(path), redis_server.url, "50", host=f"host{i}", cwd=tmp_path)
         for i in range(3)
     ]
     children.extend(workers)
@@ -453,10 +474,10 @@ def test_redis_restarted_mid_run_keeps_the_counter_exact(
         result = json.loads(out.strip().splitlines()[-1])
         done += result["done"]
         retries += result["retries"]
-    assert done == 120
+    assert done == 150
     assert retries > 0, "the restarts must have hit running writers"
     state = PipelineState(path, lock=redis_server.url)
-    assert state.read() == {"n": 120}
+    assert state.read() == {"n": 150}
     fences = _fences(state)
     assert fences == sorted(set(fences)), "two holders committed with one token order"
     assert state.verify(), repr(state.verify())
