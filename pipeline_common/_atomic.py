@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import _fs
-from .errors import StateDurabilityError, StateWriteError
+from .errors import StateDurabilityError, StateError, StateWriteError
 
 __all__ = ["Committed", "atomic_replace", "temp_path_for"]
 
@@ -106,6 +106,8 @@ def atomic_replace(
             with contextlib.suppress(OSError):
                 os.close(fd)
         _remove_quietly(tmp)
+        if isinstance(exc, StateError):
+            raise  # from before_replace, e.g. a lost lock (StateLockError is a TimeoutError)
         raise _fail(step, target, exc) from exc
     except BaseException:
         # KeyboardInterrupt and friends: same cleanup, original error untouched.

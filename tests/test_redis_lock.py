@@ -368,6 +368,31 @@ def test_redis_killed_during_a_transaction_refuses_the_commit(
     assert PipelineState(path).read() == {"n": 1}
 
 
+def test_redis_killed_right_before_the_rename_refuses_the_commit(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis dies after the temp file and backup are durable: the last check refuses."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    before = path.read_bytes()
+    log_before = state.log_path.read_bytes()
+    sync = state.backup_manager.sync
+
+    def sync_then_kill_redis() -> None:  # the last step before the fencing check
+        sync()
+        redis_server.kill()
+
+    monkeypatch.setattr(state.backup_manager, "sync", sync_then_kill_redis)
+    with pytest.raises(StateLockLostError) as caught:
+        state.write({"n": 2})
+    assert type(caught.value) is StateLockLostError  # not wrapped in a StateWriteError
+    assert path.read_bytes() == before
+    assert state.log_path.read_bytes() == log_before
+    assert not (tmp_path / ".pipeline.json.tmp").exists()
+    assert state.list_backups() == []  # the backup made for it was discarded
+
+
 def test_a_failing_block_after_the_lock_was_lost_logs_nothing(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
