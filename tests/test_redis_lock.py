@@ -487,8 +487,11 @@ def test_redis_restarted_mid_run_keeps_the_counter_exact(
         assert worker.stdin is not None
         worker.stdin.write("go\n")
         worker.stdin.flush()
-    for _ in range(2):
-        time.sleep(0.8)
+    watcher = PipelineState(path)  # reads the log's version, takes no lock
+    for at_least in (10, 60):  # restart while writers are busy, twice
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while watcher.version < at_least and time.monotonic() < deadline:
+            time.sleep(0.01)
         redis_server.kill()  # every key gone: the counter restarts from the log's token
         time.sleep(0.3)
         redis_server.start()
