@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 from . import _fs, _json
 from ._lock import ProcessLock
+from .errors import StateBackupError, StateWriteError
 
 if TYPE_CHECKING:
     from ._redis_lock import CrossHostLock
-from .errors import StateBackupError, StateWriteError
 
 __all__ = ["BackupManager"]
 
