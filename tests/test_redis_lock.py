@@ -601,3 +601,48 @@ def test_password_is_never_shown(tmp_path: Path) -> None:
         state.write({"n": 1})
     assert "s3cret" not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+def test_cli_commands_that_lock_go_through_redis(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`repair` and `restore --yes` with --lock take the Redis lock and commit fenced."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    state.write({"n": 2})
+    assert cli_main(["repair", str(path), "--lock", redis_server.url]) == 0
+    backup = state.list_backups()[0]
+    assert cli_main(["restore", str(path), backup.name, "--yes", "--lock", redis_server.url]) == 0
+    capsys.readouterr()
+    assert state.read() == {"n": 1}
+    newest = state.get_transaction_history(1)[0]
+    assert newest["operation"] == "restore"
+    assert newest["fence"] > _fences(state)[-2]
+    assert state.verify()
+
+
+def test_cli_bad_lock_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--lock` that is neither flock nor a Redis URL: exit 2 with one line."""
+    path = tmp_path / "pipeline.json"
+    PipelineState(path).write({"n": 1})
+    assert cli_main(["lock", str(path), "--lock", "http://nowhere"]) == 2
+    assert "redis://" in capsys.readouterr().err
+
+
+def test_new_lock_errors_pickle_with_their_facts() -> None:
+    """The two new errors cross process boundaries with url, token and holder."""
+    import pickle
+
+    lost = StateLockLostError("m", path="p.json", url="redis://h/0", token=7, holder={"pid": 1})
+    back = pickle.loads(pickle.dumps(lost))
+    assert (back.url, back.token, back.holder, back.path) == (
+        "redis://h/0",
+        7,
+        {"pid": 1},
+        Path("p.json"),
+    )
+    down = StateLockUnavailableError("m", path="p.json", url="redis://h/0", timeout=2.0)
+    back_down = pickle.loads(pickle.dumps(down))
+    assert (back_down.url, back_down.timeout) == ("redis://h/0", 2.0)
+    assert isinstance(back_down, TimeoutError)
