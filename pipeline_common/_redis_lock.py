@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import portalocker
     import redis
 
-__all__ = ["CrossHostLock", "RedisLock", "host_name", "resolve_lock"]
+__all__ = ["CrossHostLock", "RedisLock", "host_name", "local_lock_path", "resolve_lock"]
 
 HOST_ENV = "PIPELINE_STATE_HOST"
 """Environment variable that overrides the host name the lock records (tests simulate
