@@ -58,6 +58,7 @@ __all__ = [
     "StageBusyError",
     "StageContext",
     "StageFailedError",
+    "reset_stages",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -489,23 +490,12 @@ class Pipeline:
             StageBusyError: a stage to reset is running in a live process on this host.
             ProgressError: an unknown stage.
         """
-        tracker = self._tracker()
+        tracker = self._tracker()  # declares the plan the reset follows
         self._check_names([stage])
-        names = [stage, *self._dependents(stage)] if downstream else [stage]
-        names = [n for n in self._stages if n in names]
         with self._events_held(), self.state.transaction(operation=f"reset {stage}") as txn:
+            names = reset_stages(self.state, stage, downstream=downstream)  # joins txn
             for name in names:
-                rec = txn.data.get(name)
-                if not isinstance(rec, dict):
-                    continue
-                owner = rec.get("owner")
-                running = rec.get("status") == "running"
-                if running and isinstance(owner, dict) and _owner.judge(owner) == "alive":
-                    raise self._busy(name, owner, "alive")
-            for name in names:
-                tracker.reset(name)
-                if name in txn.data:
-                    txn.data[name] = {"status": "pending"}
+                tracker.reset(name)  # forgets this tracker's unwritten numbers; joins too
             txn.details["reset"] = names
         return names
 
@@ -824,13 +814,6 @@ class Pipeline:
                     stage=name if isinstance(name, str) else None,
                 )
 
-    def _dependents(self, stage: str) -> list[str]:
-        found: list[str] = []
-        for name, definition in self._stages.items():
-            if any(r == stage or r in found for r in definition.requires):
-                found.append(name)
-        return found
-
     @staticmethod
     def _status(data: Mapping[str, Any], name: str) -> str:
         rec = data.get(name)
@@ -863,21 +846,7 @@ class Pipeline:
                     raise self._busy(definition.name, owner, verdict)
 
     def _busy(self, name: str, owner: Mapping[str, Any], verdict: str) -> StageBusyError:
-        who = _owner.describe(owner)
-        if verdict == "unknown":
-            message = (
-                f"{self.state.path.name}: stage {name!r} is running on another host "
-                f"({who}); this host cannot tell whether that process is alive, so the stage "
-                "is not taken over. If that runner is gone, reset the stage: "
-                f"pipeline-state reset {self.state.path} {name} (or pipeline.reset({name!r}))"
-            )
-        else:
-            message = (
-                f"{self.state.path.name}: stage {name!r} is already running ({who}); a stage "
-                "never runs twice at once. Wait for it (pipeline-state status "
-                f"{self.state.path}) and run again"
-            )
-        return StageBusyError(message, path=self.state.path, stage=name, owner=owner)
+        return _busy_error(self.state.path, name, owner, verdict)
 
     @staticmethod
     def _note(result: RunResult, name: str, outcome: str) -> None:
@@ -925,6 +894,72 @@ class Pipeline:
             return self.status()
         except Exception:  # noqa: BLE001 - an event must not hide the failure being reported
             return None
+
+
+def reset_stages(state: PipelineState, stage: str, *, downstream: bool = False) -> list[str]:
+    """Put ``stage`` (and, with ``downstream``, its dependents) back to pending, by the stored plan.
+
+    What :meth:`Pipeline.reset` and ``pipeline-state reset`` do: one logged transaction
+    (joined when one is open), with a backup. Works without the pipeline's code: the
+    dependents come from the plan stored in the state (a state without a plan resets
+    the one stage).
+
+    Returns:
+        The stages reset, in plan order.
+
+    Raises:
+        ProgressError: ``stage`` is neither in the plan nor a record of the state.
+        StageBusyError: a stage to reset is running in a live process on this host. A
+            stage run by another host is reset: that is the way to take it over.
+    """
+    with state.transaction(operation=f"reset {stage}") as txn:
+        try:
+            specs = _plan.from_data(txn.data) or []
+        except _plan.PlanProblem as exc:
+            raise PlanError(f"{state.path.name}: {exc}", path=state.path) from None
+        order = [s.name for s in specs]
+        if stage not in order and not isinstance(txn.data.get(stage), dict):
+            known = ", ".join(order) or "none"
+            raise ProgressError(
+                f"{state.path.name}: unknown stage {stage!r}; the plan's stages are {known}",
+                path=state.path,
+                stage=stage,
+            )
+        names = [stage]
+        if downstream:
+            for spec in specs:
+                if any(r in names for r in spec.requires) and spec.name not in names:
+                    names.append(spec.name)
+        if stage in order:
+            names = [n for n in order if n in names]
+        for name in names:
+            rec = txn.data.get(name)
+            owner = rec.get("owner") if isinstance(rec, dict) else None
+            running = isinstance(rec, dict) and rec.get("status") == "running"
+            if running and isinstance(owner, dict) and _owner.judge(owner) == "alive":
+                raise _busy_error(state.path, name, owner, "alive")
+        for name in names:
+            if name in txn.data:
+                txn.data[name] = {"status": "pending"}
+        txn.details["reset"] = names
+    return names
+
+
+def _busy_error(path: Path, name: str, owner: Mapping[str, Any], verdict: str) -> StageBusyError:
+    who = _owner.describe(owner)
+    if verdict == "unknown":
+        message = (
+            f"{path.name}: stage {name!r} is running on another host ({who}); this host "
+            "cannot tell whether that process is alive, so the stage is not taken over. If "
+            f"that runner is gone, reset the stage: pipeline-state reset {path} {name} "
+            f"(or pipeline.reset({name!r}))"
+        )
+    else:
+        message = (
+            f"{path.name}: stage {name!r} is already running ({who}); a stage never runs "
+            f"twice at once. Wait for it (pipeline-state status {path}) and run again"
+        )
+    return StageBusyError(message, path=path, stage=name, owner=owner)
 
 
 def _public_owner(owner: object) -> dict[str, Any] | None:
