@@ -934,6 +934,13 @@ class _RunView:
 def cmd_run(args: argparse.Namespace, out: Output) -> int:
     """Import a Pipeline and run it (or the named stages)."""
     pipeline = _load_pipeline(args.target)
+    unknown = [name for name in args.stages if name not in pipeline.stages]
+    if unknown:
+        raise CliError(
+            f"unknown stage {', '.join(map(repr, unknown))}; {args.target} has the stages "
+            f"{', '.join(pipeline.stages) or 'none'}",
+            EXIT_USAGE,
+        )
     force: bool | list[str] = bool(args.force)
     view = _RunView(out, pipeline, live=out.tty and not args.json, quiet=args.json)
     unsubscribe = pipeline.subscribe(view)
