@@ -230,6 +230,8 @@ class StageContext:
         self._handle = handle
         self._owner = owner
         self._skip_pending = int(handle.resumed_from)
+        self._before = attempt - 1  # attempts started before this run
+        self._calls = 0  # calls of the stage function in this run (retries included)
 
     def __repr__(self) -> str:
         return f"StageContext({self.stage!r}, attempt={self.attempt})"
@@ -533,11 +535,15 @@ class Pipeline:
         ctx = self._claim(definition, force)
         if ctx is None:
             return "already_done"
+        def attempt(c: StageContext) -> Any:
+            c._calls += 1
+            return definition.fn(c)
+
         try:
             if definition.retries:
-                self._retry_handler(definition).call(definition.name, definition.fn, ctx)
+                self._retry_handler(definition).call(definition.name, attempt, ctx)
             else:
-                result = definition.fn(ctx)
+                result = attempt(ctx)
                 if inspect.isawaitable(result):
                     close = getattr(result, "close", None)
                     if callable(close):
@@ -555,11 +561,16 @@ class Pipeline:
         if ctx is None:
             return "already_done"
         fn: Callable[[StageContext], Awaitable[Any]] = definition.fn
+
+        async def attempt(c: StageContext) -> Any:
+            c._calls += 1
+            return await fn(c)
+
         try:
             if definition.retries:
-                await self._retry_handler(definition).acall(definition.name, fn, ctx)
+                await self._retry_handler(definition).acall(definition.name, attempt, ctx)
             else:
-                await fn(ctx)
+                await attempt(ctx)
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised by _failed
             return self._failed(definition, ctx, exc)
         return self._succeeded(definition, ctx)
@@ -582,9 +593,11 @@ class Pipeline:
                 found = self._claim_locked(definition, txn, force, tracker)
         except _Abort:
             return None
-        return StageContext(
+        ctx = StageContext(
             self, name, found["handle"], found["record"], found["attempt"], found["owner"]
         )
+        ctx._before = found["attempt"] - 1
+        return ctx
 
     def _claim_locked(
         self, definition: _StageDef, txn: StateTransaction, force: bool, tracker: ProgressTracker
@@ -751,7 +764,13 @@ class Pipeline:
                         },
                     ][-_MAX_INTERRUPTIONS:]
             rec["owner"] = None
-            txn.details.update(stage=name, attempt=rec.get("attempts"))
+            # The exact count: RetryHandler uncounts an error it does not retry, but the
+            # attempt was started. attempts_of() reads base + the ledger's count.
+            total = ctx._before + ctx._calls
+            rec["attempts"] = total
+            series = _plan.attempts_of({"retry": rec.get("retry")})
+            rec["attempts_base"] = total - series if series else total
+            txn.details.update(stage=name, attempt=total)
 
     # -- helpers --------------------------------------------------------------------------
 
