@@ -531,3 +531,20 @@ def test_two_runners_started_at_once_run_each_stage_exactly_once(tmp_path: Path)
             assert ops.count(f"stage {stage}: start") == 1
             assert ops.count(f"stage {stage}: success") == 1
         assert state.verify(), state.verify().problems
+
+
+def test_errors_pickle_with_their_attributes(tmp_path: Path) -> None:
+    """The runner's errors cross process boundaries intact."""
+    import pickle
+
+    errors = [
+        PrerequisiteError("m", path=tmp_path, stage="tts", missing={"extract": "failed"}),
+        StageBusyError("m", path=tmp_path, stage="tts", owner={"pid": 1, "host": "h"}),
+        StageFailedError("m", stage="tts", error_type="OSError", error_message="x"),
+        PlanError("m", stage="a", orphans=["a"]),
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert copy.__dict__ == error.__dict__
+    assert isinstance(errors[0], RuntimeError)
