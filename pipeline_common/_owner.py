@@ -43,10 +43,16 @@ def proc_start(pid: int) -> int | None:
         return None
 
 
+_own_start: tuple[int, int | None] | None = None  # (pid, start): fixed for a process
+
+
 def mine() -> dict[str, Any]:
     """The owner record of this process, for a stage it claims now."""
+    global _own_start
     pid = os.getpid()
-    return {"pid": pid, "host": HOST, "since": now_iso(), "proc_start": proc_start(pid)}
+    if _own_start is None or _own_start[0] != pid:  # a forked child has its own
+        _own_start = (pid, proc_start(pid))
+    return {"pid": pid, "host": HOST, "since": now_iso(), "proc_start": _own_start[1]}
 
 
 def judge(owner: Mapping[str, Any]) -> Verdict:

@@ -535,6 +535,7 @@ class Pipeline:
         ctx = self._claim(definition, force)
         if ctx is None:
             return "already_done"
+
         def attempt(c: StageContext) -> Any:
             c._calls += 1
             return definition.fn(c)
