@@ -232,6 +232,7 @@ class StageContext:
         self._skip_pending = int(handle.resumed_from)
         self._before = attempt - 1  # attempts started before this run
         self._calls = 0  # calls of the stage function in this run (retries included)
+        self._initial_keys = set(record)
 
     def __repr__(self) -> str:
         return f"StageContext({self.stage!r}, attempt={self.attempt})"
@@ -453,6 +454,7 @@ class Pipeline:
         for name in names:
             definition = self._stages[name]
             if definition.is_async:
+                _refuse_running_loop(name)
                 outcome = asyncio.run(self._arun_stage(definition, name in forced))
             else:
                 outcome = self._run_stage(definition, name in forced)
@@ -732,8 +734,10 @@ class Pipeline:
                 )
             if outcome == "success":
                 tracker.complete(name)
-                for key in [k for k in rec if k not in _RESERVED]:
-                    del rec[key]
+                # Keys the stage removed from ctx.record go; keys it added elsewhere
+                # (through ctx.transaction()) stay.
+                for key in ctx._initial_keys - set(ctx.record):
+                    rec.pop(key, None)
                 rec.update(ctx.record)
             elif outcome == "skipped":
                 tracker.skip(name, reason)
@@ -980,6 +984,17 @@ def _busy_error(path: Path, name: str, owner: Mapping[str, Any], verdict: str) -
             f"twice at once. Wait for it (pipeline-state status {path}) and run again"
         )
     return StageBusyError(message, path=path, stage=name, owner=owner)
+
+
+def _refuse_running_loop(stage: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"stage {stage!r} is async and an event loop is running here; "
+        "use `await pipeline.arun()` instead of pipeline.run()"
+    )
 
 
 def _public_owner(owner: object) -> dict[str, Any] | None:

@@ -548,3 +548,37 @@ def test_errors_pickle_with_their_attributes(tmp_path: Path) -> None:
         assert type(copy) is type(error)
         assert copy.__dict__ == error.__dict__
     assert isinstance(errors[0], RuntimeError)
+
+
+def test_record_keys_merge_and_run_refuses_a_running_loop(tmp_path: Path) -> None:
+    """ctx.record replaces only its own keys; run() inside an event loop points to arun()."""
+    pipeline = Pipeline(tmp_path / "p.json", durability="atomic")
+
+    @pipeline.stage()
+    def stage(ctx: StageContext) -> None:
+        ctx.record.pop("old", None)
+        ctx.record["new"] = 1
+        with ctx.transaction() as txn:
+            txn.data["stage"]["side"] = "kept"
+
+    pipeline.status()
+    with pipeline.state.transaction() as txn:
+        txn.data["stage"] = {"status": "pending", "old": 0, "other": 2}
+    pipeline.run()
+    record = pipeline.state.read()["stage"]
+    assert (record.get("old"), record["new"], record["other"], record["side"]) == (
+        None,
+        1,
+        2,
+        "kept",
+    )
+
+    @pipeline.stage()
+    async def later(ctx: StageContext) -> None: ...
+
+    async def inside_a_loop() -> None:
+        with pytest.raises(RuntimeError, match="arun"):
+            pipeline.run("later")
+
+    asyncio.run(inside_a_loop())
+    assert asyncio.run(pipeline.arun("later")).ran == ["later"]
