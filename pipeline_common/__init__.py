@@ -25,7 +25,15 @@ from .errors import (
     StateWriteError,
 )
 from .models import PHASE_STATUSES, PhaseRecord, PipelineModel
-from .progress import ProgressError, ProgressTracker, StageProgress
+from .pipeline import (
+    Pipeline,
+    PrerequisiteError,
+    RunResult,
+    StageBusyError,
+    StageContext,
+    StageFailedError,
+)
+from .progress import PlanError, ProgressError, ProgressTracker, StageProgress
 from .retry import RetryExhaustedError, RetryHandler
 from .state import PipelineState, StateTransaction
 
@@ -41,14 +49,21 @@ __all__ = [
     "MISSING",
     "PHASE_STATUSES",
     "PhaseRecord",
+    "Pipeline",
     "PipelineModel",
     "PipelineState",
+    "PlanError",
+    "PrerequisiteError",
     "ProgressError",
     "ProgressTracker",
     "RedisLock",
     "RepairReport",
     "RetryExhaustedError",
     "RetryHandler",
+    "RunResult",
+    "StageBusyError",
+    "StageContext",
+    "StageFailedError",
     "StageProgress",
     "StateBackupError",
     "StateConflictError",
