@@ -22,7 +22,7 @@ from .errors import (
     StateWriteError,
 )
 from .models import PHASE_STATUSES, PhaseRecord, PipelineModel
-from .progress import ProgressError, ProgressTracker, StageProgress
+from .progress import PlanError, ProgressError, ProgressTracker, StageProgress
 from .retry import RetryExhaustedError, RetryHandler
 from .state import PipelineState, StateTransaction
 
@@ -40,6 +40,7 @@ __all__ = [
     "PhaseRecord",
     "PipelineModel",
     "PipelineState",
+    "PlanError",
     "ProgressError",
     "ProgressTracker",
     "RepairReport",

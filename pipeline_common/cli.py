@@ -412,31 +412,19 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _stage_names(data: dict[str, Any], wanted: str | None) -> list[str]:
-    if wanted:
-        return [s.strip() for s in wanted.split(",") if s.strip()]
-    # The file's own order: the order the pipeline recorded its phases in.
-    return [k for k, v in data.items() if k.startswith("phase") and isinstance(v, dict)]
-
-
 def _progress(state: PipelineState, stages: str | None) -> dict[str, Any]:
-    """The pipeline's status from ProgressTracker, for the phase* keys (or ``stages``)."""
-    data, generation = _read(state)
-    names = _stage_names(data, stages)
-    if not names:
-        snapshot: dict[str, Any] = {
-            "status": "pending",
-            "current_stage": None,
-            "stages": {},
-            "overall_progress": 0.0,
-            "eta_seconds": None,
-        }
-    else:
-        try:
-            with ProgressTracker(state, names) as tracker:
-                snapshot = tracker.status()
-        except ProgressError as exc:
-            raise CliError(str(exc), EXIT_UNREADABLE) from exc
+    """The pipeline's status from ProgressTracker: the stored plan (or ``stages``).
+
+    Without a plan in the file (an old state), the tracker falls back to its phase* keys.
+    """
+    _, generation = _read(state)
+    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    try:
+        # declare=False: looking at a pipeline never writes a plan into it
+        with ProgressTracker(state, names, declare=False) as tracker:
+            snapshot = tracker.status()
+    except ProgressError as exc:
+        raise CliError(str(exc), EXIT_UNREADABLE) from exc
     return {"path": str(state.path), "generation": generation, **snapshot}
 
 
@@ -457,9 +445,9 @@ def _render_status(out: Output, snap: dict[str, Any]) -> list[str]:
     lines = [head]
     stages: dict[str, dict[str, Any]] = snap["stages"]
     if not stages:
-        lines.append("no stages yet (no phase* keys in the state)")
+        lines.append("no stages yet (no stage plan and no phase* keys in the state)")
         return lines
-    columns = ["STAGE", "STATUS", "PERCENT", "DONE", "ELAPSED", "ETA", "RETRIES"]
+    columns = ["STAGE", "STATUS", "PERCENT", "DONE", "ELAPSED", "ETA", "ATTEMPTS", "RETRIES"]
     if out.tty:
         columns.insert(2, "PROGRESS")
     rows = [columns]
@@ -472,6 +460,7 @@ def _render_status(out: Output, snap: dict[str, Any]) -> list[str]:
             done,
             _duration(s["elapsed_seconds"]),
             _duration(s["eta_seconds"]),
+            str(s.get("attempts", 0)),
             str(s["retries"]),
         ]
         if out.tty:
@@ -491,6 +480,15 @@ def _render_status(out: Output, snap: dict[str, Any]) -> list[str]:
                 padded = out.status(cell, widths[i])
             cells.append(padded)
         lines.append("  ".join(cells).rstrip())
+    for name, s in stages.items():
+        owner = s.get("owner")
+        if owner:
+            lines.append(
+                f"{name}: run by pid {owner.get('pid')} on {owner.get('host')} "
+                f"since {owner.get('since')}"
+            )
+        if s["status"] == "failed" and s.get("error"):
+            lines.append(f"{name}: {_text(s['error'])}")
     return lines
 
 

@@ -11,6 +11,11 @@ file, and its progress sits beside it::
         "retry": {"attempts": 2, ...},  # RetryHandler's ledger; read, never written here
     }
 
+The plan (stage names, order, weights, prerequisites) is part of the state too, under
+the reserved key ``data["_pipeline"]`` (see docs/protocol.md): a tracker that declares
+stages writes it (once, when it differs), and a tracker made without ``stages`` in any
+other process reads it, so every view lists the same stages in the same order.
+
 The tracker keeps in memory only what it has not written yet (throttled ``update()``
 calls), so :meth:`ProgressTracker.status` is the file plus this tracker's unflushed
 numbers, and a tracker in another process reports the same thing.
@@ -19,6 +24,7 @@ Errors::
 
     StateError
      +-- ProgressError    (also ValueError) a bad number, an unknown stage, a call out of order
+          +-- PlanError   a plan refused: malformed, or it would orphan recorded progress
 """
 
 from __future__ import annotations
@@ -38,12 +44,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from . import _plan
 from ._time import iso as _iso
 from ._time import parse_iso as _parse_iso
 from .errors import StateError
 from .state import PipelineState
 
-__all__ = ["ProgressError", "ProgressTracker", "StageProgress"]
+__all__ = ["PlanError", "ProgressError", "ProgressTracker", "StageProgress"]
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +74,30 @@ class ProgressError(StateError, ValueError):
     ) -> None:
         super().__init__(message, path=path)
         self.stage = stage
+
+
+class PlanError(ProgressError):
+    """A stage plan was refused; nothing was written.
+
+    Raised for a malformed plan (an unknown requirement, a cycle, a bad weight, a
+    corrupt stored plan) and for a new plan that would drop stages whose progress is
+    recorded in the file (pass ``replace_plan=True`` to drop them on purpose).
+
+    Attributes:
+        stage: The stage concerned, if any.
+        orphans: The recorded stages the new plan would drop (empty otherwise).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        stage: str | None = None,
+        orphans: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, path=path, stage=stage)
+        self.orphans = list(orphans)
 
 
 @dataclass
@@ -139,7 +170,15 @@ class ProgressTracker:
     Args:
         state: The pipeline's state; only its public API is used.
         stages: Stage names in order, or a mapping of name to a positive weight for
-            the overall progress (a list weighs every stage 1.0).
+            the overall progress (a list weighs every stage 1.0). Declaring stages
+            writes the plan into the state (one logged transaction, only when it
+            differs from the stored one). None: follow the stored plan, re-read at
+            every :meth:`status` (an old state without a plan: its ``phase*`` keys).
+        requires: The prerequisites of each stage (``{"tts": ["extract"]}``), stored
+            in the plan. None keeps the stored prerequisites of the stages that stay.
+        replace_plan: Accept a plan that drops stages whose progress is recorded
+            (their records stay in the file, outside the plan).
+        declare: False: use ``stages`` for this tracker only, writing no plan (a view).
         min_interval: ``update()``/``advance()`` write at most once per this many
             seconds; ``start``, ``complete``, ``fail``, ``skip`` and ``reset`` write at once.
         clock: The wall clock (epoch seconds) for timestamps, elapsed time and ETA.
@@ -148,20 +187,36 @@ class ProgressTracker:
 
     Raises:
         ProgressError: No stages, a duplicate or empty name, or a bad weight.
+        PlanError: An unknown requirement or a cycle, a corrupt stored plan, or a
+            new plan that would orphan recorded progress (see ``replace_plan``).
+        StateReadError: The state file is corrupt (the plan is read from it).
     """
 
     def __init__(
         self,
         state: PipelineState,
-        stages: Sequence[str] | Mapping[str, float],
+        stages: Sequence[str] | Mapping[str, float] | None = None,
         *,
+        requires: Mapping[str, Sequence[str]] | None = None,
+        replace_plan: bool = False,
+        declare: bool = True,
         min_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.state = state
-        self.weights = self._check_stages(stages, state.path)
+        self._follow = stages is None
+        if stages is None:
+            if requires is not None:
+                raise ProgressError(
+                    "requires= needs stages= (the plan it belongs to)", path=state.path
+                )
+            specs = self._stored_plan(state.read())
+        else:
+            specs = self._check_stages(stages, state.path, requires)
+        self.weights = {s.name: s.weight for s in specs}
+        self.requires = {s.name: list(s.requires) for s in specs}
         if not (_num(min_interval) is not None and min_interval >= 0):
             raise ProgressError(
                 f"min_interval must be a number >= 0, not {min_interval!r}", path=state.path
@@ -175,6 +230,8 @@ class ProgressTracker:
         self._last_flush = -math.inf
         self._subscribers: list[Callback] = []
         self._closed = False
+        if stages is not None and declare:
+            self._declare(specs, keep_requires=requires is None, replace=replace_plan)
         _open_trackers.add(self)
 
     def __repr__(self) -> str:
@@ -616,30 +673,79 @@ class ProgressTracker:
     # -- internals -------------------------------------------------------------
 
     @staticmethod
-    def _check_stages(stages: Sequence[str] | Mapping[str, float], path: Path) -> dict[str, float]:
-        if isinstance(stages, str):
-            raise ProgressError(
-                f"stages must be a list of names or a dict of weights, not the string {stages!r}",
-                path=path,
+    def _check_stages(
+        stages: Sequence[str] | Mapping[str, float],
+        path: Path,
+        requires: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[_plan.StageSpec]:
+        try:
+            return _plan.build(stages, requires)
+        except _plan.PlanProblem as exc:
+            raise PlanError(f"{path.name}: {exc}", path=path, stage=exc.stage) from None
+
+    def _stored_plan(self, data: dict[str, Any]) -> list[_plan.StageSpec]:
+        """The plan stored in ``data``; else the old ``phase*`` keys; else no stage."""
+        try:
+            specs = _plan.from_data(data)
+        except _plan.PlanProblem as exc:
+            raise PlanError(
+                f"{self.state.path.name}: {exc}", path=self.state.path, stage=exc.stage
+            ) from None
+        if specs is not None:
+            return specs
+        return [_plan.StageSpec(name) for name in _plan.phase_names(data)]
+
+    def _declare(self, specs: list[_plan.StageSpec], *, keep_requires: bool, replace: bool) -> None:
+        """Store ``specs`` as the plan: one logged transaction, none when it is stored already."""
+
+        def wanted(data: dict[str, Any]) -> tuple[list[_plan.StageSpec], dict[str, Any] | None]:
+            stored = _plan.from_data(data)
+            new = _plan.merge_requires(specs, stored) if keep_requires else specs
+            return new, (None if new == stored else _plan.to_json(new))
+
+        try:
+            data = self.state.read()
+            new, plan = wanted(data)
+            if plan is not None:
+                # Refused before the lock when possible: a refusal then leaves no log record.
+                self._refuse_orphans(data, _plan.from_data(data), new, replace)
+                with self.state.transaction(operation="plan") as txn:
+                    old = _plan.from_data(txn.data)
+                    new, plan = wanted(txn.data)
+                    if plan is not None:
+                        self._refuse_orphans(txn.data, old, new, replace)
+                        txn.data[_plan.PLAN_KEY] = plan
+                        txn.details["plan"] = [s.name for s in new]
+        except _plan.PlanProblem as exc:
+            raise PlanError(
+                f"{self.state.path.name}: {exc}", path=self.state.path, stage=exc.stage
+            ) from None
+        self.requires = {s.name: list(s.requires) for s in new}
+
+    def _refuse_orphans(
+        self,
+        data: dict[str, Any],
+        old: list[_plan.StageSpec] | None,
+        new: list[_plan.StageSpec],
+        replace: bool,
+    ) -> None:
+        if old is None or replace:
+            return
+        names = {s.name for s in new}
+        orphans = [
+            s.name for s in old if s.name not in names and _plan.has_progress(data.get(s.name))
+        ]
+        if orphans:
+            listed = ", ".join(repr(n) for n in orphans)
+            raise PlanError(
+                f"{self.state.path.name}: the new plan ({', '.join(s.name for s in new)}) drops "
+                f"stage(s) {listed} whose progress is recorded in the file; keep them in the "
+                "plan, reset them first, or pass replace_plan=True to drop them from the plan "
+                "(their records stay in the file). Nothing was written.",
+                path=self.state.path,
+                stage=orphans[0],
+                orphans=orphans,
             )
-        pairs = list(stages.items()) if isinstance(stages, Mapping) else [(s, 1.0) for s in stages]
-        if not pairs:
-            raise ProgressError("a ProgressTracker needs at least one stage", path=path)
-        weights: dict[str, float] = {}
-        for name, weight in pairs:
-            if not isinstance(name, str) or not name:
-                raise ProgressError(f"a stage name must be a non-empty string, not {name!r}")
-            if name in weights:
-                raise ProgressError(f"stage {name!r} is listed twice", path=path, stage=name)
-            w = _num(weight)
-            if w is None or not math.isfinite(w) or w <= 0:
-                raise ProgressError(
-                    f"the weight of stage {name!r} must be a finite number > 0, not {weight!r}",
-                    path=path,
-                    stage=name,
-                )
-            weights[name] = float(w)
-        return weights
 
     def _error(self, stage: str | None, message: str) -> ProgressError:
         return ProgressError(message, path=self.state.path, stage=stage)
@@ -793,6 +899,11 @@ class ProgressTracker:
                 _logger.exception("progress callback %r raised on %s; ignored", callback, event)
 
     def _build_status(self, data: dict[str, Any], now: float) -> dict[str, Any]:
+        if self._follow:  # a follower shows the plan as stored now, not as it was
+            specs = self._stored_plan(data)
+            with self._lock:
+                self.weights = {s.name: s.weight for s in specs}
+                self.requires = {s.name: list(s.requires) for s in specs}
         with self._lock:
             mono = self._monotonic()
             unwritten = {
@@ -870,6 +981,7 @@ class ProgressTracker:
             # RetryHandler zeroes attempts on success and keeps the count in succeeded_after.
             attempts = _num(retry.get("attempts")) or _num(retry.get("succeeded_after"))
         return {
+            **self._stage_facts(name, rec, status, progress, attempts),
             "status": status,
             "progress_percent": percent,
             "current": current,
@@ -883,9 +995,53 @@ class ProgressTracker:
             "retries": max(int(attempts) - 1, 0) if attempts is not None else 0,
         }
 
+    def _stage_facts(
+        self,
+        name: str,
+        rec: dict[str, Any],
+        status: str,
+        progress: dict[str, Any],
+        retry_attempts: float | None,
+    ) -> dict[str, Any]:
+        """The plan's and the runner's facts about a stage: weight, requires, attempts..."""
+        runs = rec.get("attempts")
+        if isinstance(runs, int) and not isinstance(runs, bool):
+            attempts = runs  # counted by the Pipeline runner
+        elif retry_attempts is not None:
+            attempts = int(retry_attempts)
+        else:
+            attempts = 1 if progress.get("started_at") else 0
+        owner = None
+        found = rec.get("owner")
+        if status == "running" and isinstance(found, dict):
+            owner = {
+                "pid": found.get("pid"),
+                "host": found.get("host"),
+                "since": found.get("since"),
+            }
+        error = None
+        if status == "failed":
+            err = rec.get("error")
+            if isinstance(err, dict):
+                kind, text = err.get("type"), err.get("message")
+                error = f"{kind}: {text}" if kind and text else str(kind or text or "") or None
+            elif isinstance(err, str) and err:
+                error = err
+            if error is None and isinstance(progress.get("error"), str):
+                error = progress["error"]
+        return {
+            "weight": self.weights.get(name, 1.0),
+            "requires": list(self.requires.get(name, ())),
+            "attempts": attempts,
+            "owner": owner,
+            "error": error,
+        }
+
     def _summary(self, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         statuses = [s["status"] for s in stages.values()]
-        if "failed" in statuses:
+        if not statuses:
+            overall = "pending"
+        elif "failed" in statuses:
             overall = "failed"
         elif all(s in _DONE for s in statuses):
             overall = "success"
@@ -894,9 +1050,10 @@ class ProgressTracker:
         else:
             overall = "running"
         current_stage = next((n for n, s in stages.items() if s["status"] == "running"), None)
-        weight_sum = sum(self.weights.values())
-        progress = sum(self.weights[n] * s["progress_percent"] for n, s in stages.items())
-        overall_progress = max(0.0, min(100.0, progress / weight_sum))
+        # The weights shown with each stage: the plan this snapshot was built from.
+        weight_sum = sum(s["weight"] for s in stages.values())
+        progress = sum(s["weight"] * s["progress_percent"] for s in stages.values())
+        overall_progress = max(0.0, min(100.0, progress / weight_sum)) if weight_sum else 0.0
         return {
             "status": overall,
             "current_stage": current_stage,
@@ -915,14 +1072,14 @@ class ProgressTracker:
         eta = 0.0
         per_weight: list[float] = []
         pending_weight = 0.0
-        for name, s in stages.items():
+        for s in stages.values():
             if s["status"] == "running":
                 if s["eta_seconds"] is None or not s["total"] or not s["rate"]:
                     return None
                 eta += s["eta_seconds"]
-                per_weight.append(s["total"] / s["rate"] / self.weights[name])
+                per_weight.append(s["total"] / s["rate"] / s["weight"])
             elif s["status"] == "pending":
-                pending_weight += self.weights[name]
+                pending_weight += s["weight"]
         if pending_weight:
             if not per_weight:
                 return None

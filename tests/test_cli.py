@@ -278,9 +278,11 @@ def test_status_table_and_json(state: PipelineState, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("pipeline.json: running")
-    assert lines[1].split() == ["STAGE", "STATUS", "PERCENT", "DONE", "ELAPSED", "ETA", "RETRIES"]
+    assert lines[1].split() == [
+        "STAGE", "STATUS", "PERCENT", "DONE", "ELAPSED", "ETA", "ATTEMPTS", "RETRIES"
+    ]  # fmt: skip
     assert lines[2].split()[:4] == ["phase1", "success", "100.0%", "10/10"]
-    assert lines[2].split()[-1] == "1"  # attempts 2: one retry
+    assert lines[2].split()[-2:] == ["2", "1"]  # attempts 2: one retry
     assert lines[3].split()[:4] == ["phase2", "running", "25.0%", "1/4"]
     doc = cli_json(tmp_path, "status", "pipeline.json")
     assert {"status", "current_stage", "stages", "overall_progress", "eta_seconds"} <= set(doc)

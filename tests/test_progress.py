@@ -79,7 +79,7 @@ def commits(state: PipelineState) -> int:
 
 
 def test_fresh_state_reports_every_stage_pending(make_tracker: Any) -> None:
-    """Before anything runs, every stage is pending and nothing is written."""
+    """Before anything runs, every stage is pending and only the plan is written."""
     tracker = make_tracker()
     status = tracker.status()
     assert status["status"] == "pending"
@@ -100,8 +100,13 @@ def test_fresh_state_reports_every_stage_pending(make_tracker: Any) -> None:
         "eta_seconds": None,
         "rate": None,
         "retries": 0,
+        "weight": 1.0,
+        "requires": [],
+        "attempts": 0,
+        "owner": None,
+        "error": None,
     }
-    assert not tracker.state.path.exists()
+    assert list(tracker.state.read()) == ["_pipeline"]
 
 
 def test_status_and_progress_live_in_the_phase_record(
@@ -218,7 +223,10 @@ def test_a_start_that_fails_to_commit_leaves_the_stage_unstarted(tmp_path: Path)
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    tracker = ProgressTracker(PipelineState(tmp_path / "strict.json", schema=Strict), ["phase1"])
+    state = PipelineState(tmp_path / "strict.json", schema=Strict)
+    with pytest.raises(StateValidationError, match="_pipeline"):  # the plan is refused too
+        ProgressTracker(state, ["phase1"])
+    tracker = ProgressTracker(state, ["phase1"], declare=False)
     with pytest.raises(StateValidationError):
         tracker.start("phase1", total=3)
     with pytest.raises(ProgressError, match="not running"):
