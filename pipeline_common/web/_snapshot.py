@@ -8,7 +8,7 @@ takes one snapshot to the next.
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any
 
 from .._time import iso
 from ..progress import ProgressTracker
@@ -55,19 +55,6 @@ def _empty_status() -> dict[str, Any]:
     }
 
 
-def _tracker(state: PipelineState, data: dict[str, Any]) -> ProgressTracker | None:
-    """A tracker on the stage plan of the state (or its ``phase*`` keys); None if no stages."""
-    try:
-        # With the stage plan, ProgressTracker(state) reads the plan from the state.
-        return cast(Any, ProgressTracker)(state)  # type: ignore[no-any-return]
-    except TypeError:
-        pass  # a ProgressTracker that needs its stages named
-    names = [k for k, v in data.items() if k.startswith("phase") and isinstance(v, dict)]
-    if not names:
-        return None
-    return ProgressTracker(state, names)
-
-
 def record_json(raw: dict[str, Any]) -> dict[str, Any]:
     """One log record as the API shows it: the fields a reader needs, nothing private."""
     details = raw.get("details")
@@ -92,7 +79,6 @@ def _stage_json(stage: dict[str, Any]) -> dict[str, Any]:
         **stage,
         "weight": stage.get("weight", 1.0),
         "requires": stage.get("requires", []),
-        # before the stage plan: one attempt per start, plus the retries RetryHandler counted
         "attempts": stage.get(
             "attempts",
             (stage.get("retries") or 0) + (0 if stage.get("status") == "pending" else 1),
@@ -123,18 +109,13 @@ def build_snapshot(
     """
     state.pinned = data
     try:
-        tracker = _tracker(state, data)
-        if tracker is None:
-            status = _empty_status()
-        else:
-            with tracker:
-                status = tracker.status()
+        # No stages given: the tracker follows the plan stored in the state (or, in an
+        # older state, its phase* keys), read from the pinned version.
+        with ProgressTracker(state) as tracker:
+            status = tracker.status() if tracker.stages else _empty_status()
     finally:
         state.pinned = None
     status["stages"] = {name: _stage_json(s) for name, s in status["stages"].items()}
-    errors = _stage_errors(data, status["stages"])
-    for name, error in errors.items():
-        status["stages"][name]["error"] = error
     log = [record_json(r) for r in state.get_transaction_history(LOG_RECORDS)]
     taken = time.time() if now is None else now
     return {
@@ -146,45 +127,33 @@ def build_snapshot(
     }
 
 
-def _stage_errors(data: dict[str, Any], stages: dict[str, Any]) -> dict[str, str]:
-    """The error text of each failed stage, from its progress record (before the plan)."""
-    found: dict[str, str] = {}
-    for name, stage in stages.items():
-        if stage.get("error") or stage.get("status") != "failed":
-            continue
-        record = data.get(name)
-        progress = record.get("progress") if isinstance(record, dict) else None
-        error = progress.get("error") if isinstance(progress, dict) else None
-        if isinstance(error, str) and error:
-            found[name] = error
-    return found
-
-
 def classify(
     before: dict[str, Any] | None, after: dict[str, Any]
-) -> tuple[str, str | None, list[dict[str, Any]]]:
-    """Name the change from ``before`` to ``after``: ``(event, stage, transitions)``.
+) -> tuple[list[str], str | None, list[dict[str, Any]]]:
+    """Name the change from ``before`` to ``after``: ``(events, stage, transitions)``.
 
-    ``transitions`` lists every stage whose status changed (``stage``, ``from``, ``to``);
-    the event is the most significant of them, or ``pipeline_completed`` /
-    ``pipeline_failed`` when the whole pipeline just ended, else ``progress``.
+    ``transitions`` lists every stage whose status changed (``stage``, ``from``, ``to``).
+    The first event is the most significant of them (``stage_failed``, then
+    ``stage_completed``, ``stage_skipped``, ``stage_started``), else ``progress``; when the
+    whole pipeline just ended, ``pipeline_completed`` or ``pipeline_failed`` follows it,
+    as :meth:`ProgressTracker.subscribe` reports them.
     """
     if before is None:
-        return "snapshot", after.get("current_stage"), []
+        return ["snapshot"], after.get("current_stage"), []
     old = before.get("stages") or {}
     transitions = []
     for name, stage in (after.get("stages") or {}).items():
         was = (old.get(name) or {}).get("status", "pending")
         if stage.get("status") != was:
             transitions.append({"stage": name, "from": was, "to": stage.get("status")})
-    if after.get("status") != before.get("status"):
-        if after.get("status") == "success":
-            return "pipeline_completed", None, transitions
-        if after.get("status") == "failed":
-            failed = next((t["stage"] for t in transitions if t["to"] == "failed"), None)
-            return "pipeline_failed", failed, transitions
-    events = {_EVENT_OF.get(t["to"], "progress"): t["stage"] for t in reversed(transitions)}
-    for event in _PRIORITY:
-        if event in events:
-            return event, events[event], transitions
-    return "progress", after.get("current_stage"), transitions
+    found = {_EVENT_OF.get(t["to"], "progress"): t["stage"] for t in reversed(transitions)}
+    event, stage = next(
+        ((e, found[e]) for e in _PRIORITY if e in found), ("progress", after.get("current_stage"))
+    )
+    events = [event]
+    ended = after.get("status") if after.get("status") != before.get("status") else None
+    if ended == "success":
+        events.append("pipeline_completed")
+    elif ended == "failed":
+        events.append("pipeline_failed")
+    return events, stage, transitions

@@ -51,7 +51,8 @@ class View:
 
     Attributes:
         seq: Increases with every published view (a client skips views it has seen).
-        event: The event name: ``snapshot`` for the first view, then what changed.
+        events: The event names: ``snapshot`` for the first view, then what changed
+            (one event, plus ``pipeline_completed``/``pipeline_failed`` when it ended).
         generation: The generation shown (None when the file was never read).
         snapshot: The newest good snapshot (kept while a problem is shown).
         problem: ``{"type", "kind", "message", "path"}`` when the state cannot be shown.
@@ -61,7 +62,7 @@ class View:
     """
 
     seq: int
-    event: str
+    events: list[str]
     generation: int | None
     snapshot: dict[str, Any] | None
     problem: dict[str, Any] | None
@@ -75,9 +76,17 @@ def _frame(event: str, payload: bytes, generation: int | None) -> bytes:
     return f"{head}event: {event}\n".encode() + b"data: " + payload + b"\n\n"
 
 
+def _with_status(
+    event: str, stage: str | None, transitions: list[dict[str, Any]], status: bytes
+) -> bytes:
+    """``{"event", "stage", "transitions", "status"}`` around already serialized status bytes."""
+    head = dumps({"event": event, "stage": stage, "transitions": transitions})
+    return head[:-1] + b',"status":' + status + b"}"
+
+
 def _make_view(
     seq: int,
-    event: str,
+    events: list[str],
     generation: int | None,
     snapshot: dict[str, Any] | None,
     problem: dict[str, Any] | None,
@@ -90,22 +99,12 @@ def _make_view(
         body = dumps({"error": problem})
         frame = first = _frame("state_error", payload, None)
     else:
-        body = dumps(snapshot)
-        data = {
-            "event": event,
-            "stage": stage,
-            "transitions": transitions or [],
-            "status": snapshot,
-        }
-        frame = _frame(event, dumps(data), generation)
-        first_data: dict[str, Any] = {
-            "event": "snapshot",
-            "stage": stage,
-            "transitions": [],
-            "status": snapshot,
-        }
-        first = _frame("snapshot", dumps(first_data), generation)
-    return View(seq, event, generation, snapshot, problem, frame, first, body)
+        body = dumps(snapshot)  # serialized once; every frame embeds these bytes
+        frame = b"".join(
+            _frame(e, _with_status(e, stage, transitions or [], body), generation) for e in events
+        )
+        first = _frame("snapshot", _with_status("snapshot", stage, [], body), generation)
+    return View(seq, events, generation, snapshot, problem, frame, first, body)
 
 
 class Client:
@@ -218,6 +217,11 @@ class StateWatcher:
 
         return unsubscribe
 
+    def end_streams(self) -> None:
+        """End every connected event stream (a server shutting down); safe from any thread."""
+        with self._guard:
+            self._fan_out(None)
+
     def close(self) -> None:
         """Stop the thread and end every connected stream."""
         self._stop.set()
@@ -271,7 +275,7 @@ class StateWatcher:
         except FileNotFoundError:
             self._parsed = None
             self._publish(
-                "state_error",
+                ["state_error"],
                 None,
                 good,
                 _problem(
@@ -288,7 +292,7 @@ class StateWatcher:
             kind = _kind(exc)
             path = getattr(exc, "path", None) or self.state.path
             self._publish(
-                "state_error", None, good, _problem(kind, type(exc).__name__, str(exc), path)
+                ["state_error"], None, good, _problem(kind, type(exc).__name__, str(exc), path)
             )
             return
         if (
@@ -299,10 +303,10 @@ class StateWatcher:
             and before.snapshot["log"] == snapshot["log"]
         ):
             return  # the log's side of a commit already shown: nothing new to see
-        event, stage, transitions = classify(good, snapshot)
-        if before is not None and event == "snapshot":
-            event = "progress"  # recovered from a problem with no good snapshot before
-        self._publish(event, generation, snapshot, None, stage=stage, transitions=transitions)
+        events, stage, transitions = classify(good, snapshot)
+        if before is not None and events == ["snapshot"]:
+            events = ["progress"]  # recovered from a problem with no good snapshot before
+        self._publish(events, generation, snapshot, None, stage=stage, transitions=transitions)
 
     def _maybe_check_lock_locked(self) -> None:
         """While nothing commits for long, probe the lock: a stuck writer is a problem."""
@@ -333,7 +337,7 @@ class StateWatcher:
                 self.state.lock_path,
             )
             self._publish(
-                "state_error",
+                ["state_error"],
                 view.generation if view else None,
                 view.snapshot if view else None,
                 problem,
@@ -346,7 +350,7 @@ class StateWatcher:
 
     def _publish(
         self,
-        event: str,
+        events: list[str],
         generation: int | None,
         snapshot: dict[str, Any] | None,
         problem: dict[str, Any] | None,
@@ -355,10 +359,10 @@ class StateWatcher:
         transitions: list[dict[str, Any]] | None = None,
     ) -> None:
         if self._view is None and problem is None:
-            event = "snapshot"
+            events = ["snapshot"]
         self._seq += 1
         self._view = _make_view(
-            self._seq, event, generation, snapshot, problem, stage=stage, transitions=transitions
+            self._seq, events, generation, snapshot, problem, stage=stage, transitions=transitions
         )
         self._fan_out(self._view)
 

@@ -1,0 +1,205 @@
+"""Fixtures for the status app: a real uvicorn server on a free loopback port, an SSE reader.
+
+The web extra is optional, so without it these tests skip with the command that installs
+it; when the ``CI`` environment variable is set they fail instead, so CI never silently
+skips them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+INSTALL = "pip install -e '.[test]'"
+
+
+def require(modules: list[str], how: str) -> None:
+    """Skip (fail under CI) when a module the test needs is missing, saying how to get it."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        message = f"{', '.join(missing)} not installed; install it with: {how}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so this may not skip: {message}")
+        pytest.skip(message)
+
+
+require(["starlette", "uvicorn", "httpx"], INSTALL)
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from pipeline_common import PipelineState  # noqa: E402
+from pipeline_common.progress import ProgressTracker  # noqa: E402
+
+PLAN = {"extract": 1.0, "tts": 3.0, "mix": 1.0}
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # the test's thread is not the main one
+        pass
+
+
+class Served:
+    """A uvicorn server running ``app`` in a thread, on a socket bound before it starts."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = _Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start within 10 s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        for watcher in _watchers(self.server.config.app):
+            watcher.end_streams()  # open event streams would hold the shutdown 1 s
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def _watchers(app: Any) -> list[Any]:
+    """The status apps' watchers in ``app``, mounted or not."""
+    found = [app.state.watcher] if hasattr(getattr(app, "state", None), "watcher") else []
+    for route in getattr(app, "routes", []):
+        found.extend(_watchers(getattr(route, "app", None)))
+    return found
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Any], str]]:
+    """Return a starter: ``serve(app)`` runs it on a free port and returns its base URL."""
+    servers: list[Served] = []
+
+    def start(app: Any) -> str:
+        served = Served(app)
+        servers.append(served)
+        return served.url
+
+    yield start
+    for served in servers:
+        served.stop()
+
+
+@dataclass
+class Event:
+    """One Server-Sent Event, with the monotonic time it was read."""
+
+    event: str
+    id: str | None
+    data: Any
+    received: float
+    wall: float
+
+
+class EventStream:
+    """Read an SSE stream on a thread; the test takes parsed events from a queue."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.comments: list[str] = []
+        self.status_code: int | None = None
+        self.headers: httpx.Headers | None = None
+        self._client = httpx.Client(timeout=httpx.Timeout(5.0, read=None))
+        self._ready = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, args=(url, headers or {}), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "the event stream did not answer within 10 s"
+
+    def _read(self, url: str, headers: dict[str, str]) -> None:
+        try:
+            with self._client.stream("GET", url, headers=headers) as response:
+                self.status_code = response.status_code
+                self.headers = response.headers
+                self._ready.set()
+                fields: dict[str, str] = {}
+                for line in response.iter_lines():
+                    if line.startswith(":"):
+                        self.comments.append(line)
+                    elif line == "":
+                        if "data" in fields:
+                            self.events.put(
+                                Event(
+                                    fields.get("event", "message"),
+                                    fields.get("id"),
+                                    json.loads(fields["data"]),
+                                    time.monotonic(),
+                                    time.time(),
+                                )
+                            )
+                        fields = {}
+                    else:
+                        name, _, value = line.partition(":")
+                        fields[name] = value.removeprefix(" ")
+        except Exception:
+            if not self._closed:
+                raise
+        finally:
+            self._ready.set()
+
+    def next(self, timeout: float = 5.0) -> Event:
+        """The next event; fails the test when none comes within ``timeout`` seconds."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no event within {timeout} s") from None
+
+    def until(self, predicate: Callable[[Event], bool], timeout: float = 5.0) -> Event:
+        """Skip events until one matches ``predicate``; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching event within {timeout} s")
+            event = self.next(left)
+            if predicate(event):
+                return event
+
+    def close(self) -> None:
+        self._closed = True
+        self._client.close()
+
+
+@pytest.fixture
+def sse() -> Iterator[Callable[..., EventStream]]:
+    """Return an opener: ``sse(url, headers=None)`` connects an :class:`EventStream`."""
+    opened: list[EventStream] = []
+
+    def open_stream(url: str, headers: dict[str, str] | None = None) -> EventStream:
+        stream = EventStream(url, headers)
+        opened.append(stream)
+        return stream
+
+    yield open_stream
+    for stream in opened:
+        stream.close()
+
+
+@pytest.fixture
+def plan_state(state: PipelineState) -> PipelineState:
+    """A state whose plan is extract, tts (weight 3), mix, with extract running at 2/10."""
+    with ProgressTracker(state, PLAN) as tracker:
+        tracker.start("extract", total=10, message="chapter 1")
+        tracker.update("extract", 2)
+    return state
