@@ -12,10 +12,13 @@ import json
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +45,46 @@ from pipeline_common import PipelineState  # noqa: E402
 from pipeline_common.progress import ProgressTracker  # noqa: E402
 
 PLAN = {"extract": 1.0, "tts": 3.0, "mix": 1.0}
+
+
+# A child process that follows the stored plan and runs the commands given as arguments.
+WRITER = """
+import sys, time
+from pipeline_common import PipelineState
+from pipeline_common.progress import ProgressTracker
+
+tracker = ProgressTracker(PipelineState(sys.argv[1]), min_interval=0)
+started = set()
+for command in sys.argv[2:]:
+    verb, _, rest = command.partition(":")
+    started.add(rest.partition("/")[0]) if verb == "start" else None
+    if verb == "sleep":
+        time.sleep(float(rest))
+    elif verb == "start":
+        stage, _, total = rest.partition("/")
+        tracker.start(stage, total=int(total) if total else None, restart=True)
+    elif verb == "update":
+        stage, _, n = rest.partition("=")
+        if stage not in started:  # resume the running stage in this process
+            tracker.start(stage)
+            started.add(stage)
+        tracker.update(stage, int(n), message=f"item {n}")
+    elif verb == "complete":
+        tracker.complete(rest)
+    elif verb == "fail":
+        tracker.fail(rest, RuntimeError("disk full"))
+tracker.close()
+"""
+
+
+def run_writer(path: Path, *commands: str) -> None:
+    """Run WRITER in a fresh interpreter and wait for it."""
+    subprocess.run([sys.executable, "-c", WRITER, str(path), *commands], check=True, timeout=60)
+
+
+def spawn_writer(path: Path, *commands: str) -> subprocess.Popen[bytes]:
+    """Start WRITER in a fresh interpreter."""
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), *commands])
 
 
 class _Server(uvicorn.Server):

@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,49 +19,10 @@ from pipeline_common._time import parse_iso
 from pipeline_common.progress import ProgressTracker
 from pipeline_common.web import status_app
 
-from .conftest import PLAN, EventStream
+from .conftest import PLAN, EventStream, run_writer, spawn_writer
 
 Serve = Callable[[Any], str]
 Sse = Callable[..., EventStream]
-
-# A child process that follows the stored plan and runs the commands given as arguments.
-WRITER = """
-import sys, time
-from pipeline_common import PipelineState
-from pipeline_common.progress import ProgressTracker
-
-tracker = ProgressTracker(PipelineState(sys.argv[1]), min_interval=0)
-started = set()
-for command in sys.argv[2:]:
-    verb, _, rest = command.partition(":")
-    started.add(rest.partition("/")[0]) if verb == "start" else None
-    if verb == "sleep":
-        time.sleep(float(rest))
-    elif verb == "start":
-        stage, _, total = rest.partition("/")
-        tracker.start(stage, total=int(total) if total else None, restart=True)
-    elif verb == "update":
-        stage, _, n = rest.partition("=")
-        if stage not in started:  # resume the running stage in this process
-            tracker.start(stage)
-            started.add(stage)
-        tracker.update(stage, int(n), message=f"item {n}")
-    elif verb == "complete":
-        tracker.complete(rest)
-    elif verb == "fail":
-        tracker.fail(rest, RuntimeError("disk full"))
-tracker.close()
-"""
-
-
-def run_writer(path: Path, *commands: str) -> None:
-    """Run WRITER in a fresh interpreter and wait for it."""
-    subprocess.run([sys.executable, "-c", WRITER, str(path), *commands], check=True, timeout=60)
-
-
-def spawn_writer(path: Path, *commands: str) -> subprocess.Popen[bytes]:
-    """Start WRITER in a fresh interpreter."""
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), *commands])
 
 
 def fingerprint(state: PipelineState) -> tuple[Any, ...]:
