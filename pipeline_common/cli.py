@@ -23,12 +23,14 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from pydantic import BaseModel
@@ -854,14 +856,19 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     out.line(f"serving {path} at http://{host}:{args.port}/ (Ctrl-C to stop)")
     out.stream.flush()
-    uvicorn.run(
-        status_app(path),
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        # open event streams never end by themselves: give them this long, then close
-        timeout_graceful_shutdown=2,
+    app = status_app(path)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Open event streams never end by themselves, and uvicorn waits for them:
+            # end them, from a thread (the signal may interrupt a holder of the lock).
+            threading.Thread(target=app.state.watcher.end_streams, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2
     )
+    Server(config).run()
     return EXIT_OK
 
 
