@@ -1,0 +1,210 @@
+"""50 event-stream clients on the status server while a writer commits 20 times a second.
+
+Usage (needs ``pip install -e '.[test]'``)::
+
+    python benchmarks/web_clients.py [--clients 50] [--seconds 30] [--rate 20]
+
+Three runs of the same writer, each a separate process committing ``--rate`` progress
+updates a second for ``--seconds`` seconds, then completing its stage:
+
+1. alone: no server, no client (the baseline, with run 3);
+2. with ``pipeline-state serve`` running and ``--clients`` clients reading
+   ``/api/events`` for the whole run;
+3. alone again.
+
+Reported: the writer's commit p50 (and p90) in both runs and their ratio (the goal is at
+most 1.10), whether every client received the final state (the generation of the last
+commit, status ``success``), the events each client read, and the server's resident
+memory (RSS, from /proc) when the clients had connected, at its peak, and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+WRITER = """
+import json, sys, time
+from pipeline_common import PipelineState
+from pipeline_common.progress import ProgressTracker
+
+path, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+n = int(rate * seconds)
+tracker = ProgressTracker(PipelineState(path), {"work": 1.0}, min_interval=0)
+tracker.start("work", total=n, restart=True)
+durations = []
+t0 = time.monotonic()
+for i in range(1, n + 1):
+    begin = time.perf_counter()
+    tracker.update("work", i, message=f"item {i}")
+    durations.append(time.perf_counter() - begin)
+    delay = t0 + i / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+tracker.complete("work")
+tracker.close()
+print(json.dumps({"durations": durations, "generation": PipelineState(path).version}))
+"""
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of ``pid`` in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_writer(path: Path, rate: float, seconds: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, str(path), str(rate), str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def ms(durations: list[float]) -> str:
+    return f"{statistics.median(durations) * 1000:.2f}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def client(url: str, seen: dict[str, Any], stop: asyncio.Event) -> None:
+    """Read the event stream until ``stop``; keep the newest generation and status."""
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http,
+        http.stream("GET", url) as response,
+    ):
+        seen["connected"] = True
+        data = ""
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                data = line[6:]
+            elif line == "" and data:
+                status = json.loads(data).get("status") or {}
+                seen["events"] += 1
+                seen["generation"] = status.get("generation")
+                seen["status"] = status.get("status")
+                data = ""
+            if stop.is_set():
+                return
+
+
+async def with_clients(
+    path: Path, clients: int, rate: float, seconds: float
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, int]]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline_common", "serve", str(path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    server.stdout.readline()  # "serving ..."
+    url = f"http://127.0.0.1:{port}/api/events"
+    async with httpx.AsyncClient() as http:
+        for _ in range(100):
+            try:
+                await http.get(f"http://127.0.0.1:{port}/api/health")
+                break
+            except httpx.ConnectError:
+                await asyncio.sleep(0.05)
+    stop = asyncio.Event()
+    seen = [
+        {"connected": False, "events": 0, "generation": None, "status": None}
+        for _ in range(clients)
+    ]
+    tasks = [asyncio.create_task(client(url, s, stop)) for s in seen]
+    while not all(s["connected"] for s in seen):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    memory = {"start": rss_kib(server.pid), "peak": 0, "end": 0}
+    writer = asyncio.create_task(asyncio.to_thread(run_writer, path, rate, seconds))
+    while not writer.done():
+        memory["peak"] = max(memory["peak"], rss_kib(server.pid))
+        await asyncio.sleep(0.5)
+    result = writer.result()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(
+        s["generation"] == result["generation"] for s in seen
+    ):
+        await asyncio.sleep(0.05)
+    memory["end"] = rss_kib(server.pid)
+    stop.set()
+    server.send_signal(signal.SIGINT)
+    server.wait(10)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return result, seen, memory
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=20.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        # alone before and after the served run, so drift of a shared machine hits both
+        before = run_writer(Path(tmp) / "alone1.json", args.rate, args.seconds)
+        shared, seen, memory = asyncio.run(
+            with_clients(Path(tmp) / "served.json", args.clients, args.rate, args.seconds)
+        )
+        after = run_writer(Path(tmp) / "alone2.json", args.rate, args.seconds)
+    alone = before["durations"] + after["durations"]
+    p50_alone = statistics.median(alone) * 1000
+    p50_shared = statistics.median(shared["durations"]) * 1000
+    final = sum(
+        1 for s in seen if s["generation"] == shared["generation"] and s["status"] == "success"
+    )
+    events = [s["events"] for s in seen]
+    ratio = p50_shared / p50_alone
+    print(f"writer: {len(shared['durations'])} commits at {args.rate:g}/s for {args.seconds:g} s")
+    print(
+        f"commit p50 alone {p50_alone:.2f} ms (before {ms(before['durations'])}, after "
+        f"{ms(after['durations'])}; p90 {percentile(alone, 0.9) * 1000:.2f}), with "
+        f"{args.clients} clients {p50_shared:.2f} ms (p90 "
+        f"{percentile(shared['durations'], 0.9) * 1000:.2f}); ratio {ratio:.2f} "
+        f"(goal <= 1.10: {'PASS' if ratio <= 1.10 else 'MISS'})"
+    )
+    print(
+        f"clients with the final state (generation {shared['generation']}, success): "
+        f"{final}/{args.clients}; events per client min {min(events)} median "
+        f"{statistics.median(events):g} max {max(events)}"
+    )
+    print(
+        f"server RSS: {memory['start'] / 1024:.1f} MiB with clients connected, peak "
+        f"{memory['peak'] / 1024:.1f} MiB, end {memory['end'] / 1024:.1f} MiB"
+    )
+    return 0 if final == args.clients else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
