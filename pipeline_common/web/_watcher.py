@@ -157,6 +157,10 @@ class StateWatcher:
         self.lock_stale_after = lock_stale_after
         self.idle_after = idle_after
         self.refreshes = 0  # how many times a version was parsed (for tests and benchmarks)
+        # _work serializes reading the file (slow: a parse, maybe a wait for the log);
+        # _guard only guards the client set and the thread, so an event loop that
+        # (un)subscribes a client never waits for a parse.
+        self._work = threading.Lock()
         self._guard = threading.Lock()
         self._clients: dict[asyncio.AbstractEventLoop, set[Client]] = {}
         self._thread: threading.Thread | None = None
@@ -190,16 +194,25 @@ class StateWatcher:
         """Start the thread if it is not running; return the newest view. Thread-safe."""
         with self._guard:
             self._last_touch = time.monotonic()
-            if self._thread is not None and self._thread.is_alive() and self._view is not None:
-                return self._view
+            view = self._view if self._running() else None
+        if view is not None:
+            return view
+        with self._work:
+            with self._guard:
+                if self._running() and self._view is not None:
+                    return self._view
             self._stop.clear()
-            self._refresh_locked(self._key())
-            self._thread = threading.Thread(
-                target=self._run, name=f"pipeline-watch {self.state.path.name}", daemon=True
-            )
-            self._thread.start()
+            self._refresh(self._key())
+            with self._guard:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"pipeline-watch {self.state.path.name}", daemon=True
+                )
+                self._thread.start()
             assert self._view is not None
             return self._view
+
+    def _running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def subscribe(self, client: Client) -> Callable[[], None]:
         """Deliver every new view to ``client``; return the unsubscriber."""
@@ -241,12 +254,13 @@ class StateWatcher:
         while not self._stop.wait(self.poll_interval):
             try:
                 key = self._key()
-                with self._guard:
+                with self._work:
                     if key != seen:
                         seen = key
-                        self._refresh_locked(key)
+                        self._refresh(key)
                     else:
-                        self._maybe_check_lock_locked()
+                        self._maybe_check_lock()
+                with self._guard:
                     if self._idle_locked():
                         self._thread = None
                         return
@@ -256,7 +270,7 @@ class StateWatcher:
     def _idle_locked(self) -> bool:
         return not self._clients and time.monotonic() - self._last_touch > self.idle_after
 
-    def _refresh_locked(self, key: tuple[object, object]) -> None:
+    def _refresh(self, key: tuple[object, object]) -> None:
         """Read the version behind ``key`` (parsing only a new file) and publish it."""
         self._last_change = time.monotonic()
         before = self._view
@@ -308,7 +322,7 @@ class StateWatcher:
             events = ["progress"]  # recovered from a problem with no good snapshot before
         self._publish(events, generation, snapshot, None, stage=stage, transitions=transitions)
 
-    def _maybe_check_lock_locked(self) -> None:
+    def _maybe_check_lock(self) -> None:
         """While nothing commits for long, probe the lock: a stuck writer is a problem."""
         now = time.monotonic()
         if now - self._last_change < self.lock_stale_after:
@@ -346,7 +360,7 @@ class StateWatcher:
             self._last_change = now
             self._view = None  # republish the last good state as fresh
             self._parsed = None
-            self._refresh_locked(self._key())
+            self._refresh(self._key())
 
     def _publish(
         self,
@@ -364,10 +378,14 @@ class StateWatcher:
         self._view = _make_view(
             self._seq, events, generation, snapshot, problem, stage=stage, transitions=transitions
         )
-        self._fan_out(self._view)
+        with self._guard:
+            self._fan_out(self._view)
 
     def _fan_out(self, view: View | None) -> None:
-        """Hand ``view`` to every client: one callback per event loop, not per client."""
+        """Hand ``view`` to every client: one callback per event loop, not per client.
+
+        Called with ``_guard`` held.
+        """
         groups = list(self._clients.items())
         for loop, clients in groups:
             batch = list(clients)
