@@ -136,6 +136,8 @@ class _StatusApp:
         )
 
     async def events(self, request: Request) -> Response:
+        if request.method == "HEAD":  # headers only: a stream would never end
+            return Response(media_type="text/event-stream", headers=_NO_CACHE)
         first = await self.view()
         client = Client(asyncio.get_running_loop())
         unsubscribe = self.watcher.subscribe(client)

@@ -105,8 +105,12 @@ def test_a_commit_from_another_process_reaches_a_client_within_one_second(
     first = stream.next()
     assert first.event == "snapshot"
     assert first.id == str(plan_state.version)
-    updates = [f"update:extract={n}" for n in range(3, 9)]
-    writer = spawn_writer(plan_state.path, *[x for u in updates for x in (u, "sleep:0.2")])
+    # uneven gaps, so the commits fall at different moments of the 0.1 s poll
+    gaps = ["sleep:0.21", "sleep:0.27", "sleep:0.33", "sleep:0.24", "sleep:0.3", "sleep:0.22"]
+    steps = [
+        x for n, gap in zip(range(3, 9), gaps, strict=True) for x in (f"update:extract={n}", gap)
+    ]
+    writer = spawn_writer(plan_state.path, *steps)
     delays = []
     for n in range(3, 9):
         event = stream.until(lambda e, n=n: e.data["status"]["stages"]["extract"]["current"] == n)
