@@ -26,7 +26,8 @@ from typing import Any
 import orjson
 
 from .._time import parse_iso
-from ..errors import StateError
+from ..errors import StateError, StateReadError
+from ..progress import ProgressError
 from ._snapshot import PinnedState, build_snapshot, classify
 
 __all__ = ["Client", "StateWatcher", "View", "dumps"]
@@ -396,11 +397,11 @@ class StateWatcher:
 
 
 def _kind(exc: StateError) -> str:
-    """``corrupt`` (not a valid state), ``invalid`` (a stage record), or ``unreadable``."""
-    name = type(exc).__name__
-    if name == "StateReadError" and not isinstance(exc.__cause__, OSError):
+    """``corrupt`` (not a valid state), ``invalid`` (a stage record or the plan), or
+    ``unreadable`` (the file or its log cannot be read)."""
+    if isinstance(exc, StateReadError) and not isinstance(exc.__cause__, OSError):
         return "corrupt"
-    if name == "ProgressError":
+    if isinstance(exc, ProgressError):
         return "invalid"
     return "unreadable"
 

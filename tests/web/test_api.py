@@ -250,6 +250,7 @@ def test_a_missing_file_is_a_503_until_it_appears(state_path: Path, serve: Serve
         "path": str(state_path),
     }
     assert "does not exist" in error["message"]
+    assert list(state_path.parent.iterdir()) == []  # looking created nothing
     stream = sse(f"{url}/api/events")
     first = stream.next()
     assert first.event == "state_error"
@@ -282,6 +283,17 @@ def test_a_corrupt_file_is_a_503_and_recovers(
     event = stream.until(lambda e: e.event != "state_error", timeout=5)
     assert httpx.get(f"{url}/api/status").status_code == 200
     assert event.data["status"]["stages"]["extract"]["status"] == "running"
+
+
+def test_an_invalid_stage_record_is_a_503_naming_it(state: PipelineState, serve: Serve) -> None:
+    """A stage whose status is not one ProgressTracker knows: 503, kind ``invalid``."""
+    state.write({"phase1": {"status": "bogus"}}, validate=False)
+    url = serve(status_app(state.path))
+    response = httpx.get(f"{url}/api/status")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert (error["type"], error["kind"]) == ("ProgressError", "invalid")
+    assert "bogus" in error["message"]
 
 
 def test_a_lock_held_for_long_is_a_503_until_released(
@@ -331,7 +343,7 @@ def test_mounted_under_a_prefix_in_starlette_and_fastapi(
         FastAPI(),
     ):
         if isinstance(app, FastAPI):
-            app.mount("/pipeline", status_app(plan_state.path))
+            app.mount("/pipeline", status_app(plan_state))  # a PipelineState works too
         url = serve(app)
         page = httpx.get(f"{url}/pipeline/")
         assert page.status_code == 200
