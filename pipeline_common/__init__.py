@@ -22,6 +22,14 @@ from .errors import (
     StateWriteError,
 )
 from .models import PHASE_STATUSES, PhaseRecord, PipelineModel
+from .pipeline import (
+    Pipeline,
+    PrerequisiteError,
+    RunResult,
+    StageBusyError,
+    StageContext,
+    StageFailedError,
+)
 from .progress import PlanError, ProgressError, ProgressTracker, StageProgress
 from .retry import RetryExhaustedError, RetryHandler
 from .state import PipelineState, StateTransaction
@@ -38,14 +46,20 @@ __all__ = [
     "MISSING",
     "PHASE_STATUSES",
     "PhaseRecord",
+    "Pipeline",
     "PipelineModel",
     "PipelineState",
     "PlanError",
+    "PrerequisiteError",
     "ProgressError",
     "ProgressTracker",
     "RepairReport",
     "RetryExhaustedError",
     "RetryHandler",
+    "RunResult",
+    "StageBusyError",
+    "StageContext",
+    "StageFailedError",
     "StageProgress",
     "StateBackupError",
     "StateConflictError",

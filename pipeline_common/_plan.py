@@ -28,6 +28,7 @@ __all__ = [
     "PLAN_VERSION",
     "PlanProblem",
     "StageSpec",
+    "attempts_of",
     "build",
     "from_data",
     "has_progress",
@@ -230,3 +231,30 @@ def has_progress(record: object) -> bool:
 def phase_names(data: Mapping[str, Any]) -> list[str]:
     """The ``phase*`` keys of an old state without a plan, in the file's order."""
     return [k for k, v in data.items() if k.startswith("phase") and isinstance(v, dict)]
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def attempts_of(record: Mapping[str, Any]) -> int:
+    """The attempts started on a stage since its last reset.
+
+    The runner counts its runs in ``attempts``; a stage with retries counts the attempts
+    of the current series in RetryHandler's ledger, on top of ``attempts_base`` (the
+    attempts before that series). A stage only a tracker ran counts 1 once started.
+    """
+    runs = _count(record.get("attempts"))
+    ledger = record.get("retry")
+    series = None
+    if isinstance(ledger, dict):
+        # RetryHandler zeroes attempts on success and keeps the count in succeeded_after.
+        series = _count(ledger.get("attempts")) or _count(ledger.get("succeeded_after"))
+    if series:
+        return (_count(record.get("attempts_base")) or 0) + series
+    if runs is not None:
+        return runs
+    progress = record.get("progress")
+    return 1 if isinstance(progress, dict) and progress.get("started_at") else 0

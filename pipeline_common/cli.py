@@ -6,10 +6,12 @@ by ``pipeline_common/__init__.py``. Run ``pipeline-state --help``, or see docs/c
 Exit codes::
 
     0  ok
-    1  a problem was found (verify, repair, a failed pipeline), or nothing was done
-    2  usage error: bad arguments, an unknown backup or generation, no terminal to ask
-    3  the state's lock was not obtained in time
+    1  a problem was found (verify, repair, a failed pipeline or stage), or nothing was done
+    2  usage error: bad arguments, an unknown backup, generation or stage, no terminal to
+       ask, a MODULE:ATTR that does not name a Pipeline, a plan that is refused
+    3  the state's lock was not obtained in time, or another runner holds the stage
     4  the state file cannot be read (missing, corrupt, not a JSON object)
+    5  a stage's prerequisites have not succeeded (run: nothing was written)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -42,18 +45,25 @@ from . import (
     Change,
     Diff,
     HistoryRecord,
+    Pipeline,
     PipelineState,
+    PlanError,
+    PrerequisiteError,
+    StageBusyError,
+    StageFailedError,
     StateError,
     StateLockError,
     StateReadError,
     StateSidecarError,
     __version__,
 )
+from .pipeline import reset_stages
 from .progress import ProgressError, ProgressTracker
 
 __all__ = [
     "EXIT_LOCKED",
     "EXIT_OK",
+    "EXIT_PREREQUISITES",
     "EXIT_PROBLEM",
     "EXIT_UNREADABLE",
     "EXIT_USAGE",
@@ -66,6 +76,7 @@ EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_UNREADABLE = 4
+EXIT_PREREQUISITES = 5
 _EXIT_INTERRUPTED = 130
 
 PROG = "pipeline-state"
@@ -637,11 +648,12 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _confirm(question: str) -> bool:
+def _confirm(
+    question: str, hint: str = "pass --yes to restore without asking (or --dry-run to only look)"
+) -> bool:
     if not _isatty(sys.stdin):
         raise CliError(
-            "refusing to ask for confirmation: stdin is not a terminal; "
-            "pass --yes to restore without asking (or --dry-run to only look)",
+            f"refusing to ask for confirmation: stdin is not a terminal; {hint}",
             EXIT_USAGE,
         )
     sys.stderr.write(f"{question} [y/N] ")
@@ -817,7 +829,7 @@ def cmd_lock(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-# -- the parser ----------------------------------------------------------------------------
+# -- serve: the status page (the web extra) ------------------------------------------------
 
 
 def _is_loopback(host: str) -> bool:
@@ -872,6 +884,201 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+# -- run and reset: the Pipeline runner ---------------------------------------------------
+
+
+def _load_pipeline(spec: str) -> Pipeline:
+    """Import ``module:attr`` (or ``path/to/file.py:attr``) naming a Pipeline, like uvicorn."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CliError(
+            f"{spec!r} is not MODULE:ATTR; name the Pipeline object, e.g. mypipeline:pipeline",
+            EXIT_USAGE,
+        )
+    # like `python -m`: the current folder is importable
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            where = Path(module_name)
+            found = importlib.util.spec_from_file_location(where.stem, where)
+            if found is None or found.loader is None or not where.is_file():
+                raise ImportError(f"no such file: {where}")
+            module = importlib.util.module_from_spec(found)
+            sys.modules[where.stem] = module
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"{spec}: cannot import {module_name} ({exc})", EXIT_USAGE) from exc
+    obj: Any = module
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as exc:
+        raise CliError(f"{spec}: {module_name} has no attribute {attr}", EXIT_USAGE) from exc
+    if not isinstance(obj, Pipeline) and callable(obj):
+        obj = obj()  # a factory: def make_pipeline() -> Pipeline
+    if not isinstance(obj, Pipeline):
+        raise CliError(
+            f"{spec} is a {type(obj).__name__}, not a pipeline_common.Pipeline", EXIT_USAGE
+        )
+    return obj
+
+
+class _RunView:
+    """Shows a run: a redrawn stage table on a terminal, one plain line per event otherwise."""
+
+    def __init__(self, out: Output, pipeline: Pipeline, *, live: bool, quiet: bool) -> None:
+        self.out = out
+        self.pipeline = pipeline
+        self.live = live
+        self.quiet = quiet
+        self.drawn = 0
+        self.last_draw = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if self.live:
+            if event["event"] != "progress" or time.monotonic() - self.last_draw > 0.1:
+                self.draw(event.get("status"))
+            return
+        self.out.line(self.describe(event))
+        self.out.stream.flush()
+
+    def describe(self, event: dict[str, Any]) -> str:  # noqa: PLR0911 - one line per event kind
+        kind, stage = event["event"], event.get("stage")
+        snap = event.get("status") or {}
+        info = (snap.get("stages") or {}).get(stage, {}) if stage else {}
+        if kind == "stage_started":
+            return f"{stage}: started (attempt {info.get('attempts', '?')})"
+        if kind == "progress":
+            done = _number(info.get("current", 0))
+            if info.get("total"):
+                done += "/" + _number(info["total"])
+            return f"{stage}: {info.get('progress_percent', 0.0):.1f}% ({done})"
+        if kind == "stage_completed":
+            return f"{stage}: success in {_duration(info.get('elapsed_seconds'))}"
+        if kind == "stage_skipped":
+            reason = event.get("message")
+            return f"{stage}: skipped" + (f" ({reason})" if reason else "")
+        if kind == "stage_failed":
+            return f"{stage}: FAILED: {_text(event.get('error') or info.get('error'))}"
+        if kind == "pipeline_completed":
+            return "pipeline: success"
+        if kind == "pipeline_failed":
+            return f"pipeline: failed at stage {stage}"
+        return f"{stage or 'pipeline'}: {kind}"
+
+    def draw(self, snapshot: dict[str, Any] | None = None) -> None:
+        if not self.live or self.quiet:
+            return
+        snap = snapshot if snapshot is not None else self.pipeline.status()
+        full = {"path": str(self.pipeline.state.path), "generation": self.pipeline.state.version}
+        lines = _render_status(self.out, {**full, **snap})
+        width = max(shutil.get_terminal_size().columns, 1)
+        if self.drawn:
+            self.out.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+        self.out.stream.write("\n".join(lines) + "\n")
+        self.out.stream.flush()
+        self.drawn = sum(max(1, -(-len(_ANSI.sub("", line)) // width)) for line in lines)
+        self.last_draw = time.monotonic()
+
+
+def cmd_run(args: argparse.Namespace, out: Output) -> int:
+    """Import a Pipeline and run it (or the named stages)."""
+    pipeline = _load_pipeline(args.target)
+    unknown = [name for name in args.stages if name not in pipeline.stages]
+    if unknown:
+        raise CliError(
+            f"unknown stage {', '.join(map(repr, unknown))}; {args.target} has the stages "
+            f"{', '.join(pipeline.stages) or 'none'}",
+            EXIT_USAGE,
+        )
+    force: bool | list[str] = bool(args.force)
+    view = _RunView(out, pipeline, live=out.tty and not args.json, quiet=args.json)
+    unsubscribe = pipeline.subscribe(view)
+    result = None
+    error: Exception | None = None
+    try:
+        view.draw()
+        result = pipeline.run(*args.stages, force=force)
+    except (StageFailedError, PrerequisiteError, StageBusyError) as exc:
+        error = exc
+    finally:
+        unsubscribe()
+        pipeline.close()
+    view.draw()
+    if args.json:
+        doc: dict[str, Any] = {"path": str(pipeline.state.path), "ok": error is None}
+        if result is not None:
+            doc.update(ran=result.ran, skipped=result.skipped, already_done=result.already_done)
+        if error is not None:
+            doc["error"] = {
+                "type": type(error).__name__,
+                "stage": getattr(error, "stage", None),
+                "message": str(error),
+            }
+        doc["status"] = pipeline.status()
+        out.json(doc)
+    elif result is not None and not view.live:
+        if result.already_done:
+            out.line(f"already done, not run: {', '.join(result.already_done)}")
+        snap = result.status
+        out.line(
+            f"{pipeline.state.path.name}: {snap['status']}, {snap['overall_progress']:.1f}% overall"
+        )
+    if error is not None:
+        if args.json:
+            return _describe(error)[1]
+        raise error
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace, out: Output) -> int:
+    """Put a stage (and its dependents) back to pending, after asking."""
+    state = _open(args.path, timeout=args.timeout, schema=args.schema)
+    data, _ = _read(state)
+    try:
+        with ProgressTracker(state, declare=False) as tracker:
+            plan = tracker.requires
+    except ProgressError as exc:
+        raise CliError(str(exc), EXIT_UNREADABLE) from exc
+    if args.stage not in plan and not isinstance(data.get(args.stage), dict):
+        known = ", ".join(plan) or "none"
+        raise CliError(
+            f"{state.path.name}: unknown stage {args.stage!r}; its stages are {known}", EXIT_USAGE
+        )
+    names = [args.stage]
+    if args.downstream:
+        for name, requires in plan.items():
+            if any(r in names for r in requires) and name not in names:
+                names.append(name)
+    if not args.yes:
+        listed = ", ".join(names)
+        out.stream.flush()
+        question = (
+            f"Reset {listed} of {state.path.name} to pending? Their progress, attempts and "
+            "records are forgotten (the replaced version is backed up)."
+        )
+        if not _confirm(question, "pass --yes to reset without asking"):
+            if args.json:
+                out.json({"path": str(state.path), "reset": [], "generation": state.version})
+            else:
+                out.line("not reset; nothing was changed")
+            return EXIT_PROBLEM
+    done = reset_stages(state, args.stage, downstream=args.downstream)
+    if args.json:
+        out.json({"path": str(state.path), "reset": done, "generation": state.version})
+    else:
+        out.line(f"reset {', '.join(done)} to pending: now generation {state.version}")
+    return EXIT_OK
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors as one line: ``pipeline-state: error: ...``."""
 
@@ -893,10 +1100,12 @@ def _seconds(text: str) -> float:
 _EPILOG = """\
 exit codes:
   0  ok
-  1  a problem was found (verify, repair, a failed pipeline), or nothing was done
-  2  usage error (bad arguments, unknown backup or generation, no terminal to ask)
-  3  the state's lock was not obtained in time
+  1  a problem was found (verify, repair, a failed pipeline or stage), or nothing was done
+  2  usage error (bad arguments, unknown backup, generation or stage, no terminal to ask,
+     MODULE:ATTR not a Pipeline, a refused plan)
+  3  the state's lock was not obtained in time, or another runner holds the stage
   4  the state file cannot be read (missing, corrupt, not a JSON object)
+  5  run: a stage's prerequisites have not succeeded (nothing was written)
 
 Colour and progress bars appear only on a terminal (and not when NO_COLOR is set).
 """
@@ -1023,6 +1232,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default 127.0.0.1; any other shows the state to the network)",
     )
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+
+    p = command("reset", cmd_reset, "put a stage back to pending, after asking (logged, backed up)")
+    p.add_argument("stage", metavar="STAGE", help="the stage to reset")
+    p.add_argument(
+        "--downstream", action="store_true", help="also reset every stage that depends on it"
+    )
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="wait at most S seconds for the lock (default 10; exit 3)",
+    )
+
+    summary = "import a Pipeline (MODULE:ATTR) and run its stages"
+    p = sub.add_parser(
+        "run", help=summary, description=summary[0].upper() + summary[1:] + ".", parents=[common]
+    )
+    p.add_argument(
+        "target",
+        metavar="MODULE:ATTR",
+        help="the Pipeline object, e.g. mypipeline:pipeline or path/to/file.py:pipeline",
+    )
+    p.add_argument(
+        "stages", metavar="STAGE", nargs="*", help="run only these stages (default: all)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="run the stages even if they are already done"
+    )
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(handler=cmd_run)
     return parser
 
 
@@ -1033,16 +1274,23 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# First match wins: the more specific errors come before StateError.
+_ERROR_CODES: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
+    ((StateLockError, StageBusyError), EXIT_LOCKED),
+    (PrerequisiteError, EXIT_PREREQUISITES),
+    (PlanError, EXIT_USAGE),
+    ((StateReadError, StateSidecarError), EXIT_UNREADABLE),
+    (StateError, EXIT_PROBLEM),
+)
+
+
 def _describe(exc: Exception) -> tuple[str, int]:
     """The one-line message and the exit code for an error."""
     if isinstance(exc, CliError):
         return str(exc), exc.code
-    if isinstance(exc, StateLockError):
-        return str(exc), EXIT_LOCKED
-    if isinstance(exc, (StateReadError, StateSidecarError)):
-        return str(exc), EXIT_UNREADABLE
-    if isinstance(exc, StateError):
-        return str(exc), EXIT_PROBLEM
+    for kinds, code in _ERROR_CODES:
+        if isinstance(exc, kinds):
+            return str(exc), code
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
         return f"cannot read{where}: {exc.strerror or exc}", EXIT_UNREADABLE

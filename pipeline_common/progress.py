@@ -981,7 +981,7 @@ class ProgressTracker:
             # RetryHandler zeroes attempts on success and keeps the count in succeeded_after.
             attempts = _num(retry.get("attempts")) or _num(retry.get("succeeded_after"))
         return {
-            **self._stage_facts(name, rec, status, progress, attempts),
+            **self._stage_facts(name, rec, status, progress),
             "status": status,
             "progress_percent": percent,
             "current": current,
@@ -1001,16 +1001,9 @@ class ProgressTracker:
         rec: dict[str, Any],
         status: str,
         progress: dict[str, Any],
-        retry_attempts: float | None,
     ) -> dict[str, Any]:
         """The plan's and the runner's facts about a stage: weight, requires, attempts..."""
-        runs = rec.get("attempts")
-        if isinstance(runs, int) and not isinstance(runs, bool):
-            attempts = runs  # counted by the Pipeline runner
-        elif retry_attempts is not None:
-            attempts = int(retry_attempts)
-        else:
-            attempts = 1 if progress.get("started_at") else 0
+        attempts = _plan.attempts_of(rec)
         owner = None
         found = rec.get("owner")
         if status == "running" and isinstance(found, dict):

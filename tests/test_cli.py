@@ -620,6 +620,29 @@ def test_scripts_can_chain_commands(state: PipelineState, tmp_path: Path) -> Non
 # -- the documented commands run ---------------------------------------------------
 
 
+DOCS_PIPELINE = """
+from pipeline_common import Pipeline
+
+pipeline = Pipeline("pipeline.json")
+
+
+@pipeline.stage()
+def extract(ctx):
+    ctx.record["files"] = ["book.txt"]
+
+
+@pipeline.stage(requires=["extract"])
+def tts(ctx):
+    for _ in ctx.track(range(10)):
+        pass
+
+
+@pipeline.stage(requires=["tts"])
+def mix(ctx):
+    pass
+"""
+
+
 def _documented_commands() -> list[str]:
     """Every ``$ pipeline-state ...`` line of docs/cli.md's console blocks."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
@@ -639,8 +662,12 @@ def test_documented_command_runs_without_a_usage_error(command: str, tmp_path: P
             {"phase1_extract": {"status": "success"}, "phase2_transform": {"status": status}}
         )
     args = shlex.split(command)[1:]
-    if args[0] == "restore":
+    if args[0] in ("restore", "reset"):
         args.append("--yes")  # the docs show the prompt; a test has no terminal to answer it
+    if args[0] in ("run", "reset"):  # the docs' pipeline: extract -> tts -> mix
+        (tmp_path / "mypipeline.py").write_text(DOCS_PIPELINE, encoding="utf-8")
+        state.path.unlink()
+        cli(tmp_path, "run", "mypipeline:pipeline")
     if "--follow" in args:
         args += ["--timeout", "2"]
     result = cli(tmp_path, *args)

@@ -1,0 +1,82 @@
+"""Who runs a stage, and whether that process is still there.
+
+A running stage's record names its owner::
+
+    {"pid": 4242, "host": "build-1", "since": "...Z", "proc_start": 123456}
+
+``proc_start`` is the process start time from ``/proc/<pid>/stat`` (field 22, in clock
+ticks since boot; proc(5)). A pid alone is not enough: after a crash or a reboot the
+pid is often reused by another program, and the stage would then look owned forever.
+Only the host that wrote the owner can judge it; another host's owner is "unknown".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from ._time import now_iso
+
+__all__ = ["HOST", "Verdict", "describe", "judge", "mine", "proc_start"]
+
+HOST = socket.gethostname()
+
+Verdict = Literal["alive", "gone", "reused", "unknown"]
+
+
+def proc_start(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None when not readable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    if fields[:1] == [b"Z"]:  # a zombie: dead, only not yet reaped by its parent
+        return -1
+    try:
+        return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
+    except (IndexError, ValueError):
+        return None
+
+
+_own_start: tuple[int, int | None] | None = None  # (pid, start): fixed for a process
+
+
+def mine() -> dict[str, Any]:
+    """The owner record of this process, for a stage it claims now."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start is None or _own_start[0] != pid:  # a forked child has its own
+        _own_start = (pid, proc_start(pid))
+    return {"pid": pid, "host": HOST, "since": now_iso(), "proc_start": _own_start[1]}
+
+
+def judge(owner: Mapping[str, Any]) -> Verdict:
+    """Whether the owner of a running stage is alive, gone, a reused pid, or unknown here."""
+    pid = owner.get("pid")
+    if owner.get("host") != HOST or not isinstance(pid, int) or isinstance(pid, bool):
+        return "unknown"
+    if pid <= 0:
+        return "gone"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        pass  # alive, owned by another user
+    started = proc_start(pid)
+    if started == -1:
+        return "gone"
+    recorded = owner.get("proc_start")
+    if isinstance(recorded, int) and started is not None and started != recorded:
+        return "reused"
+    return "alive"
+
+
+def describe(owner: Mapping[str, Any]) -> str:
+    """``pid 4242 on build-1 since ...Z``."""
+    return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
