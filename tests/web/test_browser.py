@@ -8,6 +8,7 @@ with the command that installs it; with ``CI`` set they fail instead.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,40 @@ def test_a_missing_file_shows_a_banner_until_it_appears(
     page.wait_for_selector("#banner", state="hidden", timeout=WAIT_MS)
     page.wait_for_selector("tr[data-stage]", timeout=WAIT_MS)
     assert stage_names(page) == list(PLAN)
+
+
+def test_the_running_stage_shows_its_owner(
+    state_path: Path, serve: Serve, page: Any, spawn_child: Any
+) -> None:
+    """A stage held by a Pipeline runner in another process shows that pid and host."""
+    runner = spawn_child(
+        """
+        import sys
+        from pipeline_common import Pipeline
+
+        pipeline = Pipeline(sys.argv[1])
+
+        @pipeline.stage()
+        def extract(ctx):
+            ctx.message("reading book.epub")
+            print("running", flush=True)
+            sys.stdin.readline()
+
+        @pipeline.stage(requires=["extract"])
+        def tts(ctx):
+            pass
+
+        pipeline.run()
+        """,
+        str(state_path),
+    )
+    assert runner.stdout.readline().strip() == "running"
+    open_page(page, serve(status_app(state_path)) + "/")
+    owner = f"pid {runner.pid} on {socket.gethostname()}"
+    wait_for_text(page, 'tr[data-stage="extract"] .owner', owner)
+    assert page.locator("tr.current").get_attribute("data-stage") == "extract"
+    runner.stdin.write("\n")
+    runner.stdin.flush()
+    assert runner.wait(30) == 0
+    wait_for_text(page, "#status", "success")
+    assert page.locator(".owner").count() == 0
