@@ -203,10 +203,14 @@ class StateWatcher:
                 if self._running() and self._view is not None:
                     return self._view
             self._stop.clear()
-            self._refresh(self._key())
+            key = self._key()
+            self._refresh(key)
             with self._guard:
                 self._thread = threading.Thread(
-                    target=self._run, name=f"pipeline-watch {self.state.path.name}", daemon=True
+                    target=self._run,
+                    args=(key,),
+                    name=f"pipeline-watch {self.state.path.name}",
+                    daemon=True,
                 )
                 self._thread.start()
             assert self._view is not None
@@ -250,8 +254,7 @@ class StateWatcher:
     def _key(self) -> tuple[object, object]:
         return (_stat(self.state.path, log=False), _stat(self.state.log_path, log=True))
 
-    def _run(self) -> None:
-        seen = self._key()
+    def _run(self, seen: tuple[object, object]) -> None:
         while not self._stop.wait(self.poll_interval):
             try:
                 key = self._key()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
-from pipeline_common.web._snapshot import classify
-from pipeline_common.web._watcher import QUEUE_SIZE, Client, _make_view
+from pipeline_common import PipelineState
+from pipeline_common.web._snapshot import PinnedState, classify
+from pipeline_common.web._watcher import QUEUE_SIZE, Client, StateWatcher, _make_view
 
 
 def snap(status: str, **stages: str) -> dict[str, Any]:
@@ -54,3 +56,20 @@ def test_a_slow_client_keeps_the_newest_views_in_bounded_memory() -> None:
         return [v.seq for v in views if v is not None]
 
     assert asyncio.run(flood()) == list(range(1001 - QUEUE_SIZE, 1001))
+
+
+def test_an_idle_watcher_stops_and_a_request_restarts_it(state: PipelineState) -> None:
+    """With no client for idle_after seconds the thread ends; the next look restarts it."""
+    state.write({"phase1": {"status": "running"}})
+    watcher = StateWatcher(PinnedState(state.path), poll_interval=0.02, idle_after=0.2)
+    assert watcher.ensure_started().generation == 1
+    deadline = time.monotonic() + 5
+    while watcher._running():
+        assert time.monotonic() < deadline, "the idle watcher never stopped"
+        time.sleep(0.05)
+    state.write({"phase1": {"status": "success"}})
+    view = watcher.ensure_started()
+    assert view.generation == 2
+    assert view.snapshot is not None
+    assert view.snapshot["status"] == "success"
+    watcher.close()
