@@ -15,7 +15,8 @@ updates a second for ``--seconds`` seconds, then completing its stage:
 Reported: the writer's commit p50 (and p90) in both runs and their ratio (the goal is at
 most 1.10), whether every client received the final state (the generation of the last
 commit, status ``success``), the events each client read, and the server's resident
-memory (RSS, from /proc) when the clients had connected, at its peak, and at the end.
+memory (RSS, from /proc) when the clients had connected, at its peak, and at the end, and
+the CPU time the server used during the run.
 """
 
 from __future__ import annotations
@@ -95,24 +96,37 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def client(url: str, seen: dict[str, Any], stop: asyncio.Event) -> None:
-    """Read the event stream until ``stop``; keep the newest generation and status."""
+    """Read the event stream until ``stop``; keep the newest event's id and data.
+
+    Only the ``id:`` line (the generation) is read per event; the newest data is parsed
+    once, at the end: the clients share the machine with the writer, and parsing every
+    event here would measure this harness, not the server.
+    """
     async with (
         httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http,
         http.stream("GET", url) as response,
     ):
         seen["connected"] = True
-        data = ""
         async for line in response.aiter_lines():
-            if line.startswith("data: "):
-                data = line[6:]
-            elif line == "" and data:
-                status = json.loads(data).get("status") or {}
+            if line.startswith("id: "):
                 seen["events"] += 1
-                seen["generation"] = status.get("generation")
-                seen["status"] = status.get("status")
-                data = ""
+                seen["generation"] = int(line[4:])
+            elif line.startswith("data: "):
+                seen["data"] = line[6:]
             if stop.is_set():
                 return
+
+
+def final_status(seen: dict[str, Any]) -> str | None:
+    """The pipeline status in the newest event a client read."""
+    status = json.loads(seen["data"]).get("status") if seen.get("data") else None
+    return status.get("status") if isinstance(status, dict) else None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def with_clients(
@@ -144,6 +158,7 @@ async def with_clients(
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
     memory = {"start": rss_kib(server.pid), "peak": 0, "end": 0}
+    cpu_start = cpu_seconds(server.pid)
     writer = asyncio.create_task(asyncio.to_thread(run_writer, path, rate, seconds))
     while not writer.done():
         memory["peak"] = max(memory["peak"], rss_kib(server.pid))
@@ -155,6 +170,7 @@ async def with_clients(
     ):
         await asyncio.sleep(0.05)
     memory["end"] = rss_kib(server.pid)
+    memory["cpu_ms"] = round((cpu_seconds(server.pid) - cpu_start) * 1000)
     stop.set()
     server.send_signal(signal.SIGINT)
     server.wait(10)
@@ -181,7 +197,7 @@ def main() -> int:
     p50_alone = statistics.median(alone) * 1000
     p50_shared = statistics.median(shared["durations"]) * 1000
     final = sum(
-        1 for s in seen if s["generation"] == shared["generation"] and s["status"] == "success"
+        1 for s in seen if s["generation"] == shared["generation"] and final_status(s) == "success"
     )
     events = [s["events"] for s in seen]
     ratio = p50_shared / p50_alone
@@ -198,9 +214,11 @@ def main() -> int:
         f"{final}/{args.clients}; events per client min {min(events)} median "
         f"{statistics.median(events):g} max {max(events)}"
     )
+    cpu = memory["cpu_ms"] / 1000
     print(
         f"server RSS: {memory['start'] / 1024:.1f} MiB with clients connected, peak "
-        f"{memory['peak'] / 1024:.1f} MiB, end {memory['end'] / 1024:.1f} MiB"
+        f"{memory['peak'] / 1024:.1f} MiB, end {memory['end'] / 1024:.1f} MiB; server CPU "
+        f"during the run {cpu:.2f} s ({cpu / args.seconds * 100:.1f}% of one core)"
     )
     return 0 if final == args.clients else 1
 

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -139,16 +138,18 @@ class _StatusApp:
         if request.method == "HEAD":  # headers only: a stream would never end
             return Response(media_type="text/event-stream", headers=_NO_CACHE)
         first = await self.view()
-        client = Client(asyncio.get_running_loop())
-        unsubscribe = self.watcher.subscribe(client)
         return StreamingResponse(
-            self._stream(client, first, unsubscribe),
+            self._stream(first),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(self, client: Client, first: View, unsubscribe: Any) -> AsyncIterator[bytes]:
+    async def _stream(self, first: View) -> AsyncIterator[bytes]:
         """The event stream: the current view at once, each new one, a ping when quiet."""
+        # Subscribed here, not in the handler: a response that never starts never
+        # runs this generator's finally, and would leave its client subscribed.
+        client = Client(asyncio.get_running_loop())
+        unsubscribe = self.watcher.subscribe(client)
         try:
             # Whatever Last-Event-ID says, the client gets the whole current state at once:
             # each event carries the full snapshot, so nothing older is needed.

@@ -237,6 +237,23 @@ def test_many_clients_share_one_parse_per_commit(
     assert httpx.get(f"{url}/api/health").json()["clients"] == 5
 
 
+def test_a_client_that_disconnects_is_forgotten(
+    plan_state: PipelineState, serve: Serve, sse: Sse
+) -> None:
+    """Closing a stream unsubscribes its client: nothing is kept for it."""
+    url = serve(status_app(plan_state.path))
+    streams = [sse(f"{url}/api/events") for _ in range(3)]
+    for stream in streams:
+        stream.next()
+    assert httpx.get(f"{url}/api/health").json()["clients"] == 3
+    for stream in streams:
+        stream.close()
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{url}/api/health").json()["clients"]:
+        assert time.monotonic() < deadline, "closed streams are still subscribed"
+        time.sleep(0.05)
+
+
 def test_a_missing_file_is_a_503_until_it_appears(state_path: Path, serve: Serve, sse: Sse) -> None:
     """Missing: 503 naming the problem; the stream says so; the first commit recovers both."""
     url = serve(status_app(state_path))
