@@ -1,13 +1,13 @@
 """Fixtures for the status app: a real uvicorn server on a free loopback port, an SSE reader.
 
-The web extra is optional, so without it these tests skip with the command that installs
-it; when the ``CI`` environment variable is set they fail instead, so CI never silently
-skips them.
+The web extra is optional, so without it these tests are not collected and
+test_extra_installed.py skips with the command that installs it; when the ``CI``
+environment variable is set it fails instead, so CI never silently skips them.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import queue
@@ -23,26 +23,41 @@ from typing import Any
 
 import pytest
 
+from pipeline_common import PipelineState
+from pipeline_common.progress import ProgressTracker
+
 INSTALL = "pip install -e '.[test]'"
 
 
+WEB = ["starlette", "uvicorn", "httpx", "fastapi"]
+
+
+def missing(modules: list[str]) -> list[str]:
+    """The modules of ``modules`` that cannot be imported."""
+    found = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            found.append(name)
+    return found
+
+
 def require(modules: list[str], how: str) -> None:
-    """Skip (fail under CI) when a module the test needs is missing, saying how to get it."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        message = f"{', '.join(missing)} not installed; install it with: {how}"
+    """Skip the test (fail it under CI) when a module it needs is missing, saying how to get it."""
+    absent = missing(modules)
+    if absent:
+        message = f"{', '.join(absent)} not installed; install it with: {how}"
         if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so this may not skip: {message}")
+            pytest.fail(f"CI is set, so this may not skip: {message}", pytrace=False)
         pytest.skip(message)
 
 
-require(["starlette", "uvicorn", "httpx"], INSTALL)
+# Without the web extra the test modules cannot even be imported: collect only
+# test_extra_installed.py, whose one test skips (fails under CI) saying what to install.
+if missing(WEB):
+    collect_ignore_glob = ["test_[!e]*.py"]
 
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-
-from pipeline_common import PipelineState  # noqa: E402
-from pipeline_common.progress import ProgressTracker  # noqa: E402
 
 PLAN = {"extract": 1.0, "tts": 3.0, "mix": 1.0}
 
@@ -87,11 +102,6 @@ def spawn_writer(path: Path, *commands: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", WRITER, str(path), *commands])
 
 
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # the test's thread is not the main one
-        pass
-
-
 class Served:
     """A uvicorn server running ``app`` in a thread, on a socket bound before it starts."""
 
@@ -101,8 +111,10 @@ class Served:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        import uvicorn  # the web extra: imported only by tests that required it
+
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-        self.server = _Server(config)
+        self.server = uvicorn.Server(config)  # in a thread: it installs no signal handler
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
@@ -162,7 +174,9 @@ class EventStream:
         self.events: queue.Queue[Event] = queue.Queue()
         self.comments: list[str] = []
         self.status_code: int | None = None
-        self.headers: httpx.Headers | None = None
+        self.headers: Any = None
+        import httpx
+
         self._client = httpx.Client(timeout=httpx.Timeout(5.0, read=None))
         self._ready = threading.Event()
         self._closed = False

@@ -216,15 +216,15 @@ def test_a_quiet_stream_gets_ping_comments(
 def test_many_clients_share_one_parse_per_commit(
     plan_state: PipelineState, serve: Serve, sse: Sse
 ) -> None:
-    """Five clients, three commits: the file is parsed once per commit, not once per client."""
+    """Five clients, four commits: the file is parsed at most once per commit, not per client."""
     app = status_app(plan_state.path)
     url = serve(app)
     streams = [sse(f"{url}/api/events") for _ in range(5)]
     for stream in streams:
         stream.next()
     watcher = app.state.watcher
-    before = watcher.refreshes
-    run_writer(
+    before, generation = watcher.refreshes, plan_state.version
+    run_writer(  # the writer resumes the stage (a commit), then three updates
         plan_state.path,
         "update:extract=3",
         "sleep:0.3",
@@ -234,7 +234,11 @@ def test_many_clients_share_one_parse_per_commit(
     )
     for stream in streams:
         stream.until(lambda e: e.data["status"]["stages"]["extract"]["current"] == 5)
-    assert watcher.refreshes - before == 3
+    commits = plan_state.version - generation
+    assert commits == 4
+    # commits closer than the poll share one parse; a commit landing between a look at
+    # the file and its read can cost one more parse, never one per client (5 x 4)
+    assert 3 <= watcher.refreshes - before <= commits + 1
     assert httpx.get(f"{url}/api/health").json()["clients"] == 5
 
 
