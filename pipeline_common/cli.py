@@ -20,17 +20,20 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import ipaddress
 import json
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from pydantic import BaseModel
@@ -844,7 +847,59 @@ def cmd_lock(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-# -- the parser ----------------------------------------------------------------------------
+# -- serve: the status page (the web extra) ------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace, out: Output) -> int:
+    """Serve the live status page and read-only API of one state file until Ctrl-C."""
+    try:  # the web extra is optional: import it only here
+        import uvicorn
+
+        from .web import status_app
+    except ImportError as exc:
+        raise CliError(
+            f"`{PROG} serve` needs the web extra ({exc.name or 'a module'} is not installed): "
+            "pip install 'pipeline-common[web]'",
+            EXIT_USAGE,
+        ) from exc
+    path = Path(args.path)
+    if not _is_loopback(args.host):
+        sys.stderr.write(
+            f"{PROG}: warning: serving on {args.host}, not a loopback address: anyone who can "
+            f"reach port {args.port} sees the state of {path.name} (stage messages, errors, "
+            "log records). The server is read-only, but it has no login.\n"
+        )
+    if not path.exists():
+        sys.stderr.write(
+            f"{PROG}: warning: {path} does not exist yet; the page says so and updates "
+            "when it appears\n"
+        )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    out.line(f"serving {path} at http://{host}:{args.port}/ (Ctrl-C to stop)")
+    out.stream.flush()
+    app = status_app(path)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Open event streams never end by themselves, and uvicorn waits for them:
+            # end them, from a thread (the signal may interrupt a holder of the lock).
+            threading.Thread(target=app.state.watcher.end_streams, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2
+    )
+    Server(config).run()
+    return EXIT_OK
 
 
 # -- run and reset: the Pipeline runner ---------------------------------------------------
@@ -1039,6 +1094,9 @@ def cmd_reset(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+# -- the parser ----------------------------------------------------------------------------
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors as one line: ``pipeline-state: error: ...``."""
 
@@ -1185,6 +1243,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("lock", cmd_lock, "say whether the lock is held, and by whom")
+
+    p = command(
+        "serve",
+        cmd_serve,
+        "serve a live status page and read-only API (needs pipeline-common[web])",
+        json_help=False,
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other shows the state to the network)",
+    )
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
 
     p = command("reset", cmd_reset, "put a stage back to pending, after asking (logged, backed up)")
     p.add_argument("stage", metavar="STAGE", help="the stage to reset")

@@ -1,14 +1,18 @@
 """The package's shape: imports point down the layers, and the public surface is tidy.
 
-Layers, top to bottom: ``__main__`` -> ``cli`` -> ``__init__`` (re-exports) -> ``pipeline``
-(the runner) -> public feature modules (``progress``, ``retry``, ...) -> ``state`` ->
-private ``_modules`` -> ``models`` -> ``errors``. Imports under ``if TYPE_CHECKING:`` are
-for annotations only and never run, so they are not edges.
+Layers, top to bottom: ``__main__`` -> ``cli`` -> ``web`` (the status app, a subpackage
+for the optional extra) -> ``__init__`` (re-exports) -> ``pipeline`` (the runner) ->
+public feature modules (``progress``, ``retry``, ...) -> ``state`` -> private
+``_modules`` -> ``models`` -> ``errors``. Only ``cli`` imports ``web``, and only inside a
+function, so the core never needs the extra. Imports under ``if TYPE_CHECKING:`` are for
+annotations only and never run, so they are not edges.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +21,12 @@ import pipeline_common
 
 PACKAGE = "pipeline_common"
 ROOT = Path(pipeline_common.__file__).parent
-MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+SUBPACKAGES = ("web",)  # each counts as one module: its files' imports are its imports
+MODULES = sorted([*(p.stem for p in ROOT.glob("*.py")), *SUBPACKAGES])
 
 # Higher numbers sit higher; a module may import only modules of a lower layer, or of its
 # own layer when that layer allows it (the private helpers and the feature modules do).
-_ERRORS, _MODELS, _PRIVATE, _STATE, _FEATURE, _RUNNER, _INIT, _CLI, _MAIN = range(9)
+_ERRORS, _MODELS, _PRIVATE, _STATE, _FEATURE, _RUNNER, _INIT, _WEB, _CLI, _MAIN = range(10)
 _SAME_LAYER_OK = {_PRIVATE, _FEATURE}
 
 
@@ -31,6 +36,7 @@ _NAMED_LAYERS = {
     "state": _STATE,
     "pipeline": _RUNNER,  # on progress + retry + state; nothing below imports it
     "__init__": _INIT,
+    "web": _WEB,
     "cli": _CLI,
     "__main__": _MAIN,
 }
@@ -65,17 +71,34 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     return found
 
 
+def _files(module: str) -> list[tuple[Path, int]]:
+    """The source files of ``module``, each with its depth below the package root."""
+    if module in SUBPACKAGES:
+        return [(p, 1) for p in sorted((ROOT / module).glob("*.py"))]
+    return [(ROOT / f"{module}.py", 0)]
+
+
 def _imported_modules(module: str, *, runtime_only: bool = True) -> set[str]:
     """The modules of this package that ``module`` imports (``__init__`` for the package)."""
-    tree = ast.parse((ROOT / f"{module}.py").read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for path, depth in _files(module):
+        found |= _imports_of_file(path, depth, module, runtime_only=runtime_only)
+    found.discard(module)
+    return found
+
+
+def _imports_of_file(path: Path, depth: int, module: str, *, runtime_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = _runtime_nodes(tree) if runtime_only else list(ast.walk(tree))
     found: set[str] = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom):
             if node.level == 0 and not (node.module or "").startswith(PACKAGE):
                 continue
-            if node.level > 1:
-                raise AssertionError(f"{module}.py imports from outside the package: {node}")
+            if node.level > depth + 1:
+                raise AssertionError(f"{path.name} imports from outside the package: {node}")
+            if node.level == 1 and depth == 1:  # inside the subpackage: its own files
+                continue
             base = (node.module or "").removeprefix(PACKAGE).lstrip(".")
             if base:
                 found.add(base.split(".")[0])
@@ -166,3 +189,29 @@ def test_init_holds_no_logic() -> None:
     allowed = (ast.Expr, ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign)
     for node in tree.body:
         assert isinstance(node, allowed), ast.dump(node)[:80]
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m not in ("cli", "web")])
+def test_nothing_but_cli_imports_web(module: str) -> None:
+    """The status app sits on top: no module but the CLI imports it, not even for types."""
+    assert "web" not in _imported_modules(module, runtime_only=False)
+
+
+def test_cli_imports_web_only_inside_a_function() -> None:
+    """``pipeline-state`` works without the web extra: ``web`` is imported lazily, by ``serve``."""
+    tree = ast.parse((ROOT / "cli.py").read_text(encoding="utf-8"))
+    for node in tree.body:  # module level only
+        if isinstance(node, ast.ImportFrom):
+            assert (node.module or "") not in ("web", f"{PACKAGE}.web"), ast.dump(node)
+    assert "web" in _imported_modules("cli")  # ...but it does import it, in a function
+
+
+def test_importing_the_package_or_the_cli_loads_no_web_dependency() -> None:
+    """``import pipeline_common`` and its CLI load neither Starlette nor uvicorn."""
+    code = (
+        "import sys, pipeline_common, pipeline_common.cli, pipeline_common.progress\n"
+        "print(sorted(m for m in ('starlette', 'uvicorn', 'pipeline_common.web') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
