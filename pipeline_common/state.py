@@ -21,16 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
@@ -66,6 +68,24 @@ _active = threading.local()  # per thread: lock path -> the outermost open trans
 
 
 _now = now_iso
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _still_open(txn: StateTransaction) -> bool:
+    """False when the frame that entered ``txn`` has returned (so its block is over).
+
+    A generator's or coroutine's frame may be suspended inside the block, off the
+    stack: it counts as open.
+    """
+    frame = txn._frame
+    if frame is None or frame.f_code.co_flags & _SUSPENDABLE:
+        return True
+    current: FrameType | None = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
 
 
 class PipelineState:
@@ -471,6 +491,13 @@ class PipelineState:
         txn = stack.get(str(self.lock_path))
         if txn is None or txn._pid != os.getpid():
             return None
+        if not _still_open(txn):
+            # Its with statement is gone, yet __exit__ never ran (an interrupt as it was
+            # called): finish its bookkeeping, or this transaction would join a dead one.
+            txn._frame = None
+            self._clear_active(txn)
+            self._lock.release()
+            return None
         return txn
 
     def _set_active(self, txn: StateTransaction) -> None:
@@ -484,10 +511,10 @@ class PipelineState:
         if stack is not None and stack.get(str(self.lock_path)) is txn:
             del stack[str(self.lock_path)]
 
-    @contextmanager
-    def _locked_operation(self, operation: str) -> Iterator[StateTransaction]:
-        with StateTransaction(self, operation=operation, _commit=False) as txn:
-            yield txn
+    def _locked_operation(self, operation: str) -> StateTransaction:
+        """A transaction that commits nothing: the lock and a log record (a class, not a
+        generator, so its with statement's frame is the caller's: see _active_transaction)."""
+        return StateTransaction(self, operation=operation, _commit=False)
 
     def _prepare_sidecars(self) -> None:
         """Create ``.<stem>/`` and ``backups/`` if needed; refuse symlinked ones."""
