@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _json
+from . import _interrupt, _json
 from .errors import StateConflictError, StateError, StateSidecarError
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class StateTransaction:
         self._migrated: tuple[int, str, list[str] | None] | None = None  # its hook is due too
         self._log_it = True
         self._frame: FrameType | None = None  # the frame of the with statement, while open
+        self._lasti = -1  # and its instruction (the with statement) at __enter__
 
     @property
     def nested(self) -> bool:
@@ -109,6 +110,8 @@ class StateTransaction:
             # called, the next transaction of this thread sees the frame gone and
             # finishes the bookkeeping (state._active_transaction).
             self._frame = sys._getframe(1)
+            self._lasti = self._frame.f_lasti
+            _interrupt.install(self)
             state._set_active(self)
             state._prepare_sidecars()
             self._current = state._read_current_locked()
@@ -148,6 +151,7 @@ class StateTransaction:
                         self._frame = None
                         state._clear_active(self)
                         state._lock.release()
+                        _interrupt.release(self)  # may raise a deferred Ctrl-C: kept below
                     except BaseException as cut:  # noqa: BLE001 - raised below
                         interrupted = interrupted or cut
                         continue
@@ -215,6 +219,7 @@ class StateTransaction:
                     self._frame = None
                     state._clear_active(self)
                     state._lock.release()
+                    _interrupt.release(self)  # may raise a deferred Ctrl-C: kept below
                 except BaseException as cut:  # noqa: BLE001 - raised below
                     interrupted = interrupted or cut
                     continue
@@ -232,6 +237,10 @@ class StateTransaction:
 
 
 _ATTEMPTS = 10  # cleanup retries when interrupts keep cutting it short
+
+
+# A Ctrl-C handled as __exit__ is entered would leave before any of its code runs.
+_interrupt.defer_in(StateTransaction.__exit__.__code__)
 
 
 def _snapshot(data: dict[str, Any]) -> bytes | dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import _diff, _fs, _inspect, _json
+from . import _diff, _fs, _inspect, _interrupt, _json
 from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
@@ -72,10 +72,11 @@ _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GE
 
 
 def _still_open(txn: StateTransaction) -> bool:
-    """False when the frame that entered ``txn`` has returned (so its block is over).
+    """False when the with statement that entered ``txn`` is certainly over.
 
-    A generator's or coroutine's frame may be suspended inside the block, off the
-    stack: it counts as open.
+    That is when its frame has returned, or when that frame is entering the very same
+    with statement again (a loop): a statement cannot be nested in itself. A frame of
+    a generator or coroutine may be suspended inside the block, off the stack: open.
     """
     frame = txn._frame
     if frame is None or frame.f_code.co_flags & _SUSPENDABLE:
@@ -83,7 +84,7 @@ def _still_open(txn: StateTransaction) -> bool:
     current: FrameType | None = sys._getframe(1)
     while current is not None:
         if current is frame:
-            return True
+            return current.f_lasti != txn._lasti
         current = current.f_back
     return False
 
@@ -497,6 +498,7 @@ class PipelineState:
             txn._frame = None
             self._clear_active(txn)
             self._lock.release()
+            _interrupt.release(txn)
             return None
         return txn
 
