@@ -210,9 +210,8 @@ def _thread_state_left(s: PipelineState) -> list[str]:
 def _check_after(s: PipelineState, probe: LockProbe, fired: str, mode: str) -> None:
     # Only an exception raised with no handler's help can kill __exit__ before it runs;
     # the thread's next transaction finishes that one (see _active_transaction).
-    healed_later = (
-        mode == "raise" and fired.endswith("__exit__") and fired.startswith("_transaction")
-    )
+    exit_cut = fired.startswith("_transaction") and fired.endswith("__exit__")
+    healed_later = mode == "raise" and exit_cut
     if not healed_later:
         assert probe.free(s.lock_path), f"lock still held after an interrupt at {fired}"
         assert _thread_state_left(s) == [], f"after an interrupt at {fired}"
