@@ -36,7 +36,8 @@ class _Current:
     mode: int | None = None
     logged: bool = True  # matches the newest commit record of the log
     recovered: bool = False  # a recover record was appended for it just now
-    trusted: bool = False  # the very file the newest commit record wrote (by stat)
+    trusted: bool = False  # the very bytes the newest commit record wrote (by sha256)
+    sha256: str = ""  # of ``data``
 
 
 class StateTransaction:

@@ -151,7 +151,9 @@ class PipelineState:
         self._hooks: list[Callable[[int, str, list[str] | None], None]] = []
         self._hooks_guard = threading.Lock()
         self._owner_checked = 0  # pid that checked .<stem>/owner
-        self._committed_spans: tuple[tuple[int, int], _diff.Spans] | None = None
+        # The spans of our newest commit, keyed by its sha256: reused by the next commit's
+        # change summary only if the file still holds exactly those bytes.
+        self._committed_spans: tuple[str, _diff.Spans] | None = None
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.sidecar_dir = self.path.parent / f".{self.path.stem}"
         self.backups_dir = self.sidecar_dir / "backups"
@@ -186,8 +188,11 @@ class PipelineState:
             StateReadError: the file is empty, corrupt, not UTF-8 or not an object.
             StateValidationError: validation is on and the data fails the schema.
         """
-        raw, st = self._read_file()
-        data = self._decode(raw, trusted=self._is_logged_commit(st))
+        # The log is not consulted: recognising "our" file by its stat is no proof (an
+        # in-place write can keep inode, size and mtime), and hashing costs more than
+        # the full parse's check.
+        raw, _ = self._read_file()
+        data = self._decode(raw)
         if validate or (validate is None and self.validate_on_read):
             self._validate(data)
         return data
@@ -317,8 +322,8 @@ class PipelineState:
     def read_versioned(self, *, wait: float = 1.0) -> tuple[dict[str, Any], int]:
         """Return ``(data, version)`` of one committed state, without a lock.
 
-        The version is matched to the bytes read (by the file's identity as the log
-        recorded it), so the pair never mixes two commits; a commit whose record is
+        The version is matched to the bytes read (by their sha256, as the log recorded
+        it), so the pair never mixes two commits; a commit whose record is
         still being appended is waited for, up to ``wait`` seconds. A file changed
         outside the library gets the log's newest version after that wait.
         """
@@ -329,7 +334,7 @@ class PipelineState:
             last = tail.last_commit
             if raw is None or st is None:
                 return {}, tail.generation
-            if last is not None and last.get("stat") == [st.st_ino, st.st_mtime_ns]:
+            if last is not None and last.get("sha256") == hashlib.sha256(raw).hexdigest():
                 return self._decode(raw), int(last.get("generation", tail.generation))
             if time.monotonic() >= deadline:
                 # Changed outside the library (or a crash lost the record): the next
@@ -644,21 +649,6 @@ class PipelineState:
         finally:
             os.close(fd)
 
-    def _is_logged_commit(self, st: os.stat_result | None, tail: Tail | None = None) -> bool:
-        """True when ``st`` is the very file the newest commit record wrote."""
-        if st is None:
-            return False
-        try:
-            last = (tail if tail is not None else self._log.tail()).last_commit
-        except (OSError, ValueError, TypeError):
-            return False
-        return (
-            last is not None
-            and last.get("size") == st.st_size
-            and last.get("stat") == [st.st_ino, st.st_mtime_ns]
-            and not last.get("long_integers")  # orjson would read those as floats
-        )
-
     def _decode(self, raw: bytes | None, *, trusted: bool = False) -> dict[str, Any]:
         if raw is None:
             return {}
@@ -707,11 +697,12 @@ class PipelineState:
         current = _Current(raw, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
         tail = self._tail()
         last = tail.last_commit
-        if self._is_logged_commit(st, tail):
-            current.trusted = True  # exactly the file our newest record committed
-            return current
+        # Hashed, not recognised by stat: an in-place write of the same size within one
+        # mtime tick keeps inode, size and mtime, so only the bytes prove the file is ours.
         digest = hashlib.sha256(raw).hexdigest()
+        current.sha256 = digest
         if last is not None and last.get("sha256") == digest:
+            current.trusted = not last.get("long_integers")  # orjson reads those as floats
             return current
         # A commit without its record (crash or log error after the rename), or a change
         # made outside this library: record it, so the log matches the state again.
@@ -888,13 +879,7 @@ class PipelineState:
             raise
         sha256 = digest.hexdigest()
         cached = self._committed_spans
-        old_spans = (
-            cached[1]
-            if cached is not None
-            and current.trusted
-            and cached[0] == (current.ino, current.mtime_ns)
-            else None
-        )
+        old_spans = cached[1] if cached is not None and cached[0] == current.sha256 else None
         try:
             changes = _diff.changed_top_level(
                 current.data, payload, old_spans=old_spans, new_spans=new_spans
@@ -903,7 +888,7 @@ class PipelineState:
             _logger.exception("could not summarize the changes of a commit to %s", self.path)
             changes = None
         if new_spans is not None:  # the next commit's "old" side, while the file stays ours
-            self._committed_spans = ((committed.ino, committed.mtime_ns), new_spans)
+            self._committed_spans = (sha256, new_spans)  # valid for exactly these bytes
         written = self._log_quietly(
             txn,
             success=True,
