@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _interrupt, _json
+from . import _check, _interrupt, _json
 from .errors import StateConflictError, StateError, StateSidecarError
 
 if TYPE_CHECKING:
@@ -65,6 +65,14 @@ class StateTransaction:
         _payload: bytes | None = None,
         _commit: bool = True,
     ) -> None:
+        _check.check_bool("validate", validate)
+        if seed_data is not None and not isinstance(seed_data, dict):
+            raise TypeError(
+                f"seed_data must be a dict or None, not {type(seed_data).__name__} {seed_data!r}"
+            )
+        _check.check_name("operation", operation)
+        _check.check_int("expect_version", expect_version, optional=True)
+        _check.check_bool("backup", backup, optional=True)
         self.state = state
         self.expect_version = expect_version
         self.backup = state.backup_before_write if backup is None else backup

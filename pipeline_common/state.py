@@ -37,7 +37,7 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import _diff, _fs, _inspect, _interrupt, _json
+from . import _check, _diff, _fs, _inspect, _interrupt, _json
 from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
@@ -132,8 +132,24 @@ class PipelineState:
         durability: Literal["full", "atomic"] = "full",
         compress_backups: bool = False,
     ) -> None:
-        if max_backups < 0:
-            raise ValueError(f"max_backups must be >= 0, not {max_backups}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or path-like, not {type(path).__name__} {path!r}")
+        if not os.fspath(path):
+            raise ValueError("path must not be empty")
+        _check.check_bool("validate_on_read", validate_on_read)
+        _check.check_int("max_backups", max_backups)
+        _check.check_bool("backup_before_write", backup_before_write)
+        _check.check_seconds("timeout", timeout, optional=True, forever=True)
+        if schema is not None and not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            raise TypeError(f"schema must be a Pydantic model class or None, not {schema!r}")
+        _check.check_int("schema_version", schema_version, minimum=1, optional=True)
+        if migrations is not None:
+            if not isinstance(migrations, Mapping):
+                raise TypeError(f"migrations must be a mapping {{version: fn}}, not {migrations!r}")
+            for version, step in migrations.items():
+                _check.check_int("a migrations key", version, minimum=1)
+                _check.check_callable(f"migrations[{version}]", step)
+        _check.check_bool("compress_backups", compress_backups)
         if durability not in ("full", "atomic"):
             raise ValueError(f"durability must be 'full' or 'atomic', not {durability!r}")
         if migrations and schema_version is None:
@@ -191,6 +207,7 @@ class PipelineState:
         # The log is not consulted: recognising "our" file by its stat is no proof (an
         # in-place write can keep inode, size and mtime), and hashing costs more than
         # the full parse's check.
+        _check.check_bool("validate", validate, optional=True)
         raw, _ = self._read_file()
         data = self._decode(raw)
         if validate or (validate is None and self.validate_on_read):
@@ -229,6 +246,7 @@ class PipelineState:
 
     def write(self, data: dict[str, Any], validate: bool = True) -> None:
         """Replace the whole state with ``data``, committed exactly like a transaction."""
+        _check.check_bool("validate", validate)
         if not isinstance(data, dict):
             raise StateSerializationError(
                 f"the state of {self.path} must be a dict (a JSON object), "
@@ -242,6 +260,7 @@ class PipelineState:
 
     def list_backups(self, limit: int = 10) -> list[Path]:
         """Return up to ``limit`` backups, newest first."""
+        _check.check_int("limit", limit, optional=True)
         return self.backup_manager.list_paths(limit)
 
     @overload
@@ -281,8 +300,15 @@ class PipelineState:
                 a symlink, a directory, a FIFO) or corrupt; nothing changed.
             StateValidationError: the backup fails the schema (pass ``validate=False``).
         """
+        _check.check_bool("validate", validate)
+        _check.check_bool("dry_run", dry_run)
         if isinstance(backup_path, BackupInfo):
             backup_path = backup_path.path
+        if not isinstance(backup_path, (str, os.PathLike)):
+            raise TypeError(
+                "backup_path must be a str, a path-like or a BackupInfo, "
+                f"not {type(backup_path).__name__} {backup_path!r}"
+            )
         backup = self.backup_manager.check(backup_path)
         payload = self.backup_manager.read_checked(backup)  # decompressed, parsed once
         if dry_run:
@@ -303,6 +329,7 @@ class PipelineState:
         Each has ``seq``, ``timestamp`` (ISO 8601, UTC), ``operation``, ``success``,
         ``details``, ``generation`` and, for commits, ``sha256`` of the committed bytes.
         """
+        _check.check_int("limit", limit, optional=True)
         try:
             return self._log.read(limit)
         except OSError as exc:
@@ -327,6 +354,7 @@ class PipelineState:
         still being appended is waited for, up to ``wait`` seconds. A file changed
         outside the library gets the log's newest version after that wait.
         """
+        _check.check_seconds("wait", wait)
         deadline = time.monotonic() + wait
         while True:
             raw, st = self._read_file()
@@ -344,10 +372,12 @@ class PipelineState:
 
     def history(self, limit: int = 20) -> list[HistoryRecord]:
         """The newest ``limit`` log records as :class:`HistoryRecord` (one-line reprs)."""
+        _check.check_int("limit", limit, optional=True)
         return [HistoryRecord.from_raw(r) for r in self.get_transaction_history(limit)]
 
     def backups(self, limit: int | None = None) -> list[BackupInfo]:
         """Backups newest first, as :class:`BackupInfo` (generation, created, size, operation)."""
+        _check.check_int("limit", limit, optional=True)
         return _inspect.backup_infos(self, limit)
 
     def at(self, generation: int) -> dict[str, Any]:
@@ -356,6 +386,7 @@ class PipelineState:
         Raises:
             StateBackupError: no backup holds that generation any more.
         """
+        _check.check_int("generation", generation)
         return _inspect.content_at(self, generation)
 
     def diff(self, a: Any, b: Any = "current") -> Diff:
@@ -408,6 +439,9 @@ class PipelineState:
         Polls the log's size and mtime (a stat, no parsing) every ``interval`` seconds,
         so any process can follow another's commits.
         """
+        _check.check_int("since_version", since_version)
+        _check.check_seconds("timeout", timeout, optional=True, forever=True)
+        _check.check_seconds("interval", interval, positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[int, int] | None = None
         while True:
@@ -435,6 +469,7 @@ class PipelineState:
         Runs in the committing thread after the lock is released. A callback that
         raises is logged and ignored: it never breaks a commit.
         """
+        _check.check_callable("callback", callback)
         with self._hooks_guard:
             self._hooks.append(callback)
 
@@ -812,6 +847,14 @@ class PipelineState:
         current = txn._current
         assert current is not None
         try:
+            # The block may have reassigned these: everything that can fail is checked
+            # before the replace, after which only StateDurabilityError may be raised.
+            if not isinstance(txn.details, dict):
+                raise TypeError(
+                    f"txn.details must stay a dict, not {type(txn.details).__name__}; "
+                    f"nothing was written to {self.path}"
+                )
+            _check.check_name("txn.operation", txn.operation)
             new_spans: _diff.Spans | None = None
             if txn._payload is not None:
                 payload = txn._payload
@@ -900,15 +943,19 @@ class PipelineState:
                 **({"long_integers": True} if long_ints else {}),
             },
         )
-        generation = written["generation"] if written else self._tail().generation + 1
+        try:
+            generation = written["generation"] if written else self._tail().generation + 1
+        except StateSidecarError:  # committed already; the log is unreadable: warned above
+            generation = -1
         txn._notify = (generation, txn.operation, changes)
         if backup is not None:
             try:
                 self.backup_manager.prune()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - committed already: never raise now
                 warnings.warn(
                     f"{self.path} was committed, but pruning old backups in {self.backups_dir} "
-                    f"failed ({exc.strerror}); the next commit tries again.",
+                    f"failed ({getattr(exc, 'strerror', None) or exc}); the next commit tries "
+                    "again.",
                     StateWarning,
                     stacklevel=4,
                 )
@@ -923,7 +970,11 @@ class PipelineState:
         commit: dict[str, Any] | None = None,
         durable_error: str | None = None,
     ) -> dict[str, Any] | None:
-        details = dict(txn.details)
+        raw_details = txn.details
+        details = (
+            dict(raw_details) if isinstance(raw_details, dict) else {"details": repr(raw_details)}
+        )
+        operation = txn.operation if isinstance(txn.operation, str) else repr(txn.operation)
         if error is not None:
             details["error"] = error
         if step:
@@ -933,7 +984,7 @@ class PipelineState:
             details["error"] = durable_error
         record: dict[str, Any] = {
             "timestamp": _now(),
-            "operation": txn.operation,
+            "operation": operation,
             "success": success,
             "details": details,
             "pid": os.getpid(),
