@@ -38,6 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from . import _check
 from ._time import iso as _iso
 from ._time import parse_iso as _parse_iso
 from .errors import StateError
@@ -160,6 +161,10 @@ class ProgressTracker:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if not isinstance(state, PipelineState):
+            raise TypeError(f"state must be a PipelineState, not {type(state).__name__} {state!r}")
+        for name, value in (("clock", clock), ("monotonic", monotonic), ("sleep", sleep)):
+            _check.check_callable(name, value)
         self.state = state
         self.weights = self._check_stages(stages, state.path)
         if not (_num(min_interval) is not None and min_interval >= 0):
