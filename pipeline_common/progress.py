@@ -627,15 +627,21 @@ class ProgressTracker:
                 f"stages must be a list of names or a dict of weights, not the string {stages!r}",
                 path=path,
             )
+        if not isinstance(stages, Iterable):
+            raise ProgressError(
+                f"stages must be a list of names or a dict of weights, not {stages!r}", path=path
+            )
         pairs = list(stages.items()) if isinstance(stages, Mapping) else [(s, 1.0) for s in stages]
         if not pairs:
-            raise ProgressError("a ProgressTracker needs at least one stage", path=path)
+            raise ProgressError("stages: a ProgressTracker needs at least one stage", path=path)
         weights: dict[str, float] = {}
         for name, weight in pairs:
             if not isinstance(name, str) or not name:
-                raise ProgressError(f"a stage name must be a non-empty string, not {name!r}")
+                raise ProgressError(f"stages: a name must be a non-empty string, not {name!r}")
             if name in weights:
-                raise ProgressError(f"stage {name!r} is listed twice", path=path, stage=name)
+                raise ProgressError(
+                    f"stages: stage {name!r} is listed twice", path=path, stage=name
+                )
             w = _num(weight)
             if w is None or not math.isfinite(w) or w <= 0:
                 raise ProgressError(
