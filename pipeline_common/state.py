@@ -258,7 +258,7 @@ class PipelineState:
         ):
             pass
 
-    def list_backups(self, limit: int = 10) -> list[Path]:
+    def list_backups(self, limit: int | None = 10) -> list[Path]:
         """Return up to ``limit`` backups, newest first."""
         _check.check_int("limit", limit, optional=True)
         return self.backup_manager.list_paths(limit)
@@ -323,7 +323,7 @@ class PipelineState:
             pass
         return True
 
-    def get_transaction_history(self, limit: int = 50) -> list[dict[str, Any]]:
+    def get_transaction_history(self, limit: int | None = 50) -> list[dict[str, Any]]:
         """Return up to ``limit`` log records, newest first.
 
         Each has ``seq``, ``timestamp`` (ISO 8601, UTC), ``operation``, ``success``,
@@ -370,7 +370,7 @@ class PipelineState:
                 return self._decode(raw), tail.generation
             time.sleep(0.002)
 
-    def history(self, limit: int = 20) -> list[HistoryRecord]:
+    def history(self, limit: int | None = 20) -> list[HistoryRecord]:
         """The newest ``limit`` log records as :class:`HistoryRecord` (one-line reprs)."""
         _check.check_int("limit", limit, optional=True)
         return [HistoryRecord.from_raw(r) for r in self.get_transaction_history(limit)]
