@@ -14,8 +14,11 @@ honours the timeout. On Windows, filelock does the locking.
 The holder writes who it is (pid, host, since, operation) into the lock file while it
 holds the lock, so a waiter that times out can say who blocked it. On release it
 leaves a mark only it could have written (not JSON, so never read as a holder): if
-the mark is still there at its next acquire, nobody took the lock in between, and
-what it learned under the lock last time (the backups listing) still holds.
+the mark is still there at its next acquire, nobody took the lock in between
+(``undisturbed``; no cache of the library relies on it any more, see docs/protocol.md).
+
+Acquire and release are safe against an exception raised anywhere (Ctrl-C): a partial
+acquire is undone, and a release cut short can be run again to finish.
 """
 
 from __future__ import annotations
