@@ -13,11 +13,17 @@ bookkeeping on any exception, so only this one point needs deferring.
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import threading
 from types import CodeType, FrameType
 from typing import Any
+
+try:  # the C module: signal.signal()'s enum wrapping costs ~5 us a call, twice a commit
+    _raw: Any = importlib.import_module("_signal")
+except ImportError:  # pragma: no cover - interpreters without it
+    _raw = signal
 
 __all__ = ["defer_in", "install", "release"]
 
@@ -49,11 +55,11 @@ def install(owner: object) -> None:
     global _owner, _previous
     if _owner is not None or threading.get_ident() != threading.main_thread().ident:
         return
-    current = signal.getsignal(signal.SIGINT)
+    current = _raw.getsignal(signal.SIGINT)
     if not callable(current) or current is _on_sigint:
         return
     _previous = current
-    signal.signal(signal.SIGINT, _on_sigint)
+    _raw.signal(signal.SIGINT, _on_sigint)
     _owner = owner
 
 
@@ -65,8 +71,8 @@ def release(owner: object) -> None:
     global _owner, _pending
     if _owner is owner:
         _owner = None
-        if signal.getsignal(signal.SIGINT) is _on_sigint:  # unless the block replaced it
-            signal.signal(signal.SIGINT, _previous)
+        if _raw.getsignal(signal.SIGINT) is _on_sigint:  # unless the block replaced it
+            _raw.signal(signal.SIGINT, _previous)
     if _pending and threading.get_ident() == threading.main_thread().ident:
         _pending = False
         _previous(signal.SIGINT, sys._getframe())  # default_int_handler raises KeyboardInterrupt
