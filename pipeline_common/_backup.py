@@ -32,16 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["BackupManager"]
 
 _STAMP = "%Y%m%d_%H%M%S_%f"
-_CACHE_USES = 64  # a remembered listing is used at most this many times in a row
-
-
-def _signature(folder: Path) -> tuple[int, ...]:
-    """What changes when a name in ``folder`` is added or removed; () if unreadable."""
-    try:
-        st = os.stat(folder)
-    except OSError:
-        return ()
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 class BackupManager:
@@ -70,11 +60,6 @@ class BackupManager:
         self.durable = durable
         self._listed: list[str] | None = None
         self._lock = lock
-        # The listing as our last prune left it: (lock hold, changes made in this
-        # process, folder signature, names). Valid in the next hold only if nobody
-        # took the lock in between and the folder is unchanged; see _current_names.
-        self._cache: tuple[int, int, tuple[int, ...], list[str]] | None = None
-        self._cache_uses = 0
         stem = re.escape(state_path.stem)
         self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.(?:bak|gz)\Z")
         # The same, over a whole listing joined by newlines (which names cannot hold):
@@ -117,50 +102,6 @@ class BackupManager:
         # A name may hold a newline on POSIX; with this stem, such a name is no backup.
         joined = "\n".join(n for n in entries if "\n" not in n)
         return sorted(self._listing_pattern.findall(joined))
-
-    def _current_names(self) -> list[str]:
-        """:meth:`names`, from the listing our previous prune left when nothing can
-        have changed since (a listing costs 40-70 us a commit, half the Python time of
-        a 1 KB one).
-
-        Trusted only when this lock hold directly follows the one that made the
-        listing, with no other process taking the lock in between (its release mark
-        is intact), no change to the folder by any object of this process since (the
-        lock, shared by all of them, counts those), and the folder's signature
-        (inode, mtime, ctime, size) unchanged: a hand-made change shows there.
-        Listed afresh every 64th time anyway, so nothing stale can last.
-        """
-        cache, self._cache = self._cache, None
-        lock = self._lock
-        if (
-            cache is not None
-            and self._cache_uses > 0
-            and lock is not None
-            and lock.undisturbed
-            and lock.holds == cache[0] + 1
-            and lock.folder_changes == cache[1]
-            and lock.held_by_current_thread()
-            and _signature(self.backups_dir) == cache[2]
-        ):
-            self._cache_uses -= 1
-            return list(cache[3])
-        self._cache_uses = _CACHE_USES
-        return self.names()
-
-    def _changing(self) -> None:
-        """Note, before it happens, a change to the folder (under the lock)."""
-        self._cache = None
-        if self._lock is not None:
-            self._lock.folder_changes += 1
-
-    def _remember(self, names: list[str]) -> None:
-        """Keep ``names`` (the folder's listing after our changes) for the next hold."""
-        lock = self._lock
-        if lock is None or not lock.held_by_current_thread():
-            return
-        signature = _signature(self.backups_dir)
-        if signature:
-            self._cache = (lock.holds, lock.folder_changes, signature, names)
 
     def list_paths(self, limit: int | None = 10) -> list[Path]:
         """Backups, newest first; at most ``limit`` (None for all)."""
@@ -210,8 +151,10 @@ class BackupManager:
         self._listed = None
         if current is None and not os.path.lexists(self.state_path):
             return None  # (given ``current``, the caller has just read the file, locked)
-        existing = self._current_names()
-        self._changing()  # remembered again after the prune
+        # Listed afresh at every commit: no remembered listing is trusted across lock
+        # holds, since nothing cheap proves that no program changed the folder since
+        # (its mtime and ctime can stay the same within one timestamp tick).
+        existing = self.names()
         # Crashes in a row each leave one backup beyond the window (a crash lands before
         # the pruning step): drop those first, so they never pile up. The window itself
         # is pruned only after the commit.
@@ -317,7 +260,6 @@ class BackupManager:
     def discard(self, backup: Path) -> None:
         """Remove a backup made for a commit that then failed (best effort)."""
         self._listed = None
-        self._changing()
         with contextlib.suppress(OSError):
             _fs.unlink(str(backup))
 
@@ -328,14 +270,12 @@ class BackupManager:
         """
         # The listing made for the link just before is still right (we hold the lock).
         names, self._listed = (self._listed or self.names()), None
-        self._changing()
         cut = max(len(names) - self.max_backups, 0)
         excess = names[:cut]
         # No fsync after: a pruned backup that comes back after a power loss is harmless.
         for name in excess:
             with contextlib.suppress(FileNotFoundError):  # gone already: the goal
                 _fs.unlink(os.path.join(self.backups_dir, name))
-        self._remember(names[cut:])
         return excess
 
     def check(self, backup_path: str | os.PathLike[str]) -> Path:

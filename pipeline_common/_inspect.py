@@ -150,7 +150,7 @@ def verify(state: PipelineState) -> VerifyReport:
     except StateError as exc:
         checks.append(Check("state parses", False, str(exc)))
 
-    lines = _log.read_lines(state.log_path)
+    lines, torn = _log.read_log(state.log_path)
     records = [r for r in (_log.parse_line(x) for x in lines) if r is not None]
     commits = [r for r in records if r.get("success") and r.get("sha256")]
     if raw is not None:
@@ -172,7 +172,7 @@ def verify(state: PipelineState) -> VerifyReport:
                 Check("state matches log", True, f"generation {commits[-1]['generation']}")
             )
 
-    checks.append(_check_chain(lines))
+    checks.append(_check_chain(lines, torn, state._log.damaged_path))
     if any("fence" in r for r in commits):
         checks.append(_check_fences(commits))
     checks.append(_check_backups(state, commits))
@@ -181,18 +181,17 @@ def verify(state: PipelineState) -> VerifyReport:
     return VerifyReport(state.path, tuple(checks))
 
 
-def _check_chain(lines: list[bytes]) -> Check:
+def _check_chain(lines: list[bytes], torn: bytes, damaged: Path) -> Check:
     problems = []
     prev_hash = None
     prev_seq = None
-    torn = 0
+    last_damaged = False
     for i, raw in enumerate(lines):
         record = _log.parse_line(raw)
+        last_damaged = record is None or record.get("prev") != prev_hash
         if record is None:
-            if i == len(lines) - 1:
-                torn = 1
-            else:
-                problems.append(f"line {i + 1} does not parse")
+            # A complete line (it ends with a newline) is damage, not a torn append.
+            problems.append(f"line {i + 1} does not parse (damaged)")
             prev_hash = _log.line_hash(raw)
             continue
         seq = record.get("seq")
@@ -202,8 +201,17 @@ def _check_chain(lines: list[bytes]) -> Check:
             problems.append(f"line {i + 1}: seq {seq} does not chain to the line before (edited?)")
         prev_seq = seq if isinstance(seq, int) else prev_seq
         prev_hash = _log.line_hash(raw)
+    if last_damaged:
+        problems.append(
+            f"the damaged last line is kept; the next commit or repair() moves it to {damaged}"
+        )
     if torn:
-        problems.append("the last line is torn (a crash during an append; repair() cuts it)")
+        problems.append(
+            f"the last line is torn ({len(torn)} bytes with no newline: a crash during an "
+            "append; the next commit or repair() cuts it)"
+        )
+    if damaged.exists():
+        problems.append(f"damaged log lines were moved aside to {damaged}: read it, then delete it")
     if problems:
         shown = "; ".join(problems[:5]) + (
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -296,7 +304,12 @@ def repair(state: PipelineState) -> RepairReport:
     """
     actions: list[str] = []
     with state._locked_operation("recover") as txn:
-        cut = state._log.repair_tail(durable=state.durability == "full")
+        moved, cut = state._log.repair_tail(durable=state.durability == "full")
+        if moved:
+            actions.append(
+                f"moved {moved} damaged line(s) from {state.log_path.name} to "
+                f"{state._log.damaged_path}"
+            )
         if cut:
             actions.append(f"cut a torn tail of {cut} bytes from {state.log_path.name}")
         for path in _debris(state):

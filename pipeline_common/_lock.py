@@ -14,13 +14,15 @@ honours the timeout. On Windows, filelock does the locking.
 The holder writes who it is (pid, host, since, operation) into the lock file while it
 holds the lock, so a waiter that times out can say who blocked it. On release it
 leaves a mark only it could have written (not JSON, so never read as a holder): if
-the mark is still there at its next acquire, nobody took the lock in between, and
-what it learned under the lock last time (the backups listing) still holds.
+the mark is still there at its next acquire, nobody took the lock in between
+(``undisturbed``; no cache of the library relies on it any more, see docs/protocol.md).
+
+Acquire and release are safe against an exception raised anywhere (Ctrl-C): a partial
+acquire is undone, and a release cut short can be run again to finish.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -39,6 +41,15 @@ from .errors import StateLockError, StateSidecarError
 __all__ = ["ProcessLock", "get_process_lock", "read_holder"]
 
 _HOST = socket.gethostname()
+
+
+_ATTEMPTS = 10  # cleanup retries when interrupts keep cutting it short
+
+
+def _owns(lock: Any) -> bool:
+    """True when the calling thread holds ``lock`` (an RLock): unlike a flag, this
+    cannot be left stale by an interrupt between the acquire and its bookkeeping."""
+    return bool(lock._is_owned())
 
 
 _RECORD = 256  # holder records and release marks are padded to this many bytes
@@ -163,7 +174,9 @@ class ProcessLock:
     def __init__(self, path: Path, mode: int = 0o664) -> None:
         self.path = path
         self.mode = mode & ~0o002  # never world-writable
-        self._threads = threading.Lock()
+        # Reentrant only so a thread can tell that it owns it (see _owns); a second
+        # acquire by the holding thread is refused in acquire().
+        self._threads = threading.RLock()
         self._fd: int | None = None
         self._fd_pid = 0
         self._pending: _Waiter | None = None  # a waiter still blocked after a timeout
@@ -182,30 +195,66 @@ class ProcessLock:
         object: compare :attr:`holds` to tell them apart)."""
 
     def acquire(self, timeout: float | None, operation: str, state_path: Path) -> None:
-        """Take the lock within ``timeout`` seconds (None waits forever), or raise."""
+        """Take the lock within ``timeout`` seconds (None waits forever), or raise.
+
+        Whatever is raised where (a timeout, or a ``KeyboardInterrupt`` between any two
+        steps), the thread lock and the flock are let go before it propagates.
+        """
         start = time.monotonic()
         if timeout is not None and timeout > threading.TIMEOUT_MAX:
             timeout = None  # float("inf") and the like: wait forever
-        if not self._threads.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+        if _owns(self._threads):
             held = self._held_by
-            holder = (
-                {"pid": held[0], "host": _HOST, "since": held[2], "operation": held[3]}
-                if held
-                else None
-            )
-            raise self._timeout_error(timeout, holder, state_path, in_process=True)
+            if held is not None and held[:2] == (os.getpid(), threading.get_ident()):
+                raise self._timeout_error(timeout, self._holder(), state_path, in_process=True)
+            # Left by an acquire interrupted just as the thread lock was granted.
+            self._threads.release()
+        if not self._threads.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            raise self._timeout_error(timeout, self._holder(), state_path, in_process=True)
         try:
             self._acquire_os(timeout, start, operation, state_path)
+            since = now_iso()
+            self._held_by = (os.getpid(), threading.get_ident(), since, operation)
+            self.holds += 1
+            found = self._read_record()
+            self.undisturbed = self._mark is not None and found == self._mark
+            self._mark = None
+            self._write_holder(since, operation, len(found) if found is not None else -1)
         except BaseException:
-            self._threads.release()
+            # Retried: an interrupt inside the cleanup must not leave the lock held.
+            for _ in range(_ATTEMPTS):
+                try:
+                    self._abandon()
+                except BaseException:  # noqa: BLE001 - the first error is re-raised
+                    continue
+                break
             raise
-        since = now_iso()
-        self._held_by = (os.getpid(), threading.get_ident(), since, operation)
-        self.holds += 1
-        found = self._read_record()
-        self.undisturbed = self._mark is not None and found == self._mark
-        self._mark = None
-        self._write_holder(since, operation, len(found) if found is not None else -1)
+
+    def _holder(self) -> dict[str, Any] | None:
+        held = self._held_by
+        if held is None:
+            return None
+        return {"pid": held[0], "host": _HOST, "since": held[2], "operation": held[3]}
+
+    def _abandon(self) -> None:
+        """Undo a partial :meth:`acquire`; safe to run again after an interruption."""
+        self.undisturbed = False
+        self._mark = None  # the file may hold our holder record now: it proves nothing
+        waiter = self._pending
+        if waiter is not None:
+            fd = waiter.cancel()
+            if fd is not None:  # the lock arrived as we gave up: closing releases it
+                os.close(fd)
+        if self._fd is not None and self._fd_pid == os.getpid() and os.name != "nt":
+            import fcntl
+
+            try:  # noqa: SIM105 - no contextlib frames in the cleanup path
+                fcntl.flock(self._fd, fcntl.LOCK_UN)  # a no-op if we never got it
+            except OSError:
+                pass
+        self._held_by = None
+        if _owns(self._threads):
+            self._threads.release()
 
     def _read_record(self) -> bytes | None:
         """What the lock file holds now (its first ``_RECORD + 1`` bytes)."""
@@ -247,31 +296,27 @@ class ProcessLock:
         if waiter is None or not waiter.adopt():
             waiter = _Waiter(path, self.mode)
             threading.Thread(target=waiter.run, name="pipeline-lock-wait", daemon=True).start()
+        # Interrupted while waiting: acquire()'s cleanup cancels the waiter, so a lock
+        # that arrives later is let go at once.
         self._pending = waiter
-        try:
-            arrived = waiter.done.wait(remaining)
-        except BaseException:
-            # Interrupted while waiting: never keep a lock nobody will release.
-            fd = waiter.cancel()
-            if fd is not None:
-                os.close(fd)
-            raise
+        arrived = waiter.done.wait(remaining)
         if not arrived:
             fd = waiter.cancel()
             if fd is None:
                 raise self._timeout_error(timeout, read_holder(path), state_path)
             waiter.fd = fd  # it arrived just as we gave up: take it
-        self._pending = None
         if waiter.error is not None:
+            self._pending = None
             if isinstance(waiter.error, OSError) and not isinstance(
                 waiter.error, StateSidecarError
             ):
                 raise self._flock_error(waiter.error, timeout, state_path) from waiter.error
             raise waiter.error
         assert waiter.fd is not None
-        # Keep the descriptor that holds the lock; the idle one is closed.
-        os.close(self._fd)
-        self._fd = waiter.fd
+        # Keep the descriptor that holds the lock; the idle one is closed. One statement,
+        # so no interrupt can fall between taking the descriptor and recording it.
+        idle, self._fd, waiter.fd, self._pending = self._fd, waiter.fd, None, None
+        os.close(idle)
 
     def _acquire_windows(self, timeout: float | None, state_path: Path) -> None:  # pragma: no cover
         import filelock
@@ -284,31 +329,35 @@ class ProcessLock:
             raise self._timeout_error(timeout, None, state_path) from None
 
     def release(self) -> None:
-        """Release the lock. After fork, a child never releases its parent's lock."""
-        if self._held_by is None or self._held_by[0] != os.getpid():
-            return
-        self._held_by = None
-        try:
+        """Release the lock. After fork, a child never releases its parent's lock.
+
+        Safe to call again when an interrupt cut a release short: each step is either
+        idempotent or recorded before the next one, so a retry finishes the job.
+        """
+        held = self._held_by
+        if held is not None and held[0] == os.getpid():
             if os.name == "nt":  # pragma: no cover
                 self._filelock.release()
-            else:
+            elif self._fd is not None:
                 import fcntl
 
-                assert self._fd is not None
-                self._leave_mark(self._fd)
+                fd = self._fd
+                self._leave_mark(fd)
+                try:  # noqa: SIM105 - no contextlib frames in the cleanup path
+                    # Explicit: a forked child may share the descriptor, so closing
+                    # alone would not release the flock.
+                    _fs.flock(fd, fcntl.LOCK_UN, str(self.path))
+                except OSError:
+                    pass  # closing below releases it too
                 # The descriptor is closed after each release, so a process that touches
                 # many state files does not keep one open per file; reopening costs ~10 us.
-                fd, self._fd = self._fd, None
-                try:
-                    _fs.flock(fd, fcntl.LOCK_UN, str(self.path))
-                except BaseException as exc:
-                    # Closing the descriptor releases the flock too: never stay locked.
-                    if not isinstance(exc, OSError):
-                        raise
-                finally:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-        finally:
+                self._fd = None
+                try:  # noqa: SIM105 - no contextlib frames in the cleanup path
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._held_by = None
+        if _owns(self._threads):
             self._threads.release()
 
     def _leave_mark(self, fd: int) -> None:
@@ -378,7 +427,7 @@ class ProcessLock:
     def _reset_after_fork(self) -> None:
         # The child has one thread; a threading lock taken by another parent thread
         # would never be released here, so start over. The fd is dropped at next use.
-        self._threads = threading.Lock()
+        self._threads = threading.RLock()
         self._held_by = None
         self._pending = None  # its thread does not exist in the child
         self._nonce = os.urandom(8).hex()

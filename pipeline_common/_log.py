@@ -22,66 +22,61 @@ from typing import Any
 import orjson
 
 from . import _fs
+from ._time import now_iso
 
-__all__ = ["Tail", "TransactionLog", "line_hash", "parse_line", "read_lines"]
+__all__ = ["Tail", "TransactionLog", "line_hash", "parse_line", "read_lines", "read_log"]
 
 _BLOCK = 65536
+_TAIL_BLOCK = 4096  # a few records: the tail is usually found in the first read
 
 
 @dataclass
 class Tail:
-    """The newest complete record, and where the log's clean end is."""
+    """The newest good record, and where the log's clean end is.
+
+    ``[clean_size, end)`` holds complete lines after the newest good record that are
+    damage (they do not parse, or do not chain to the line before them): kept, and
+    moved to the ``.damaged`` file by the next append. ``[end, size)`` is a torn append
+    (no newline yet): cut.
+    """
 
     seq: int = 0
     generation: int = 0
     line_hash: str = ""
     last_commit: dict[str, Any] | None = None  # newest successful record that committed bytes
-    clean_size: int = 0  # bytes up to the last good record's newline; -1: none parses
+    clean_size: int = 0  # bytes up to the last good record's newline; -1: none is good
     size: int = 0
+    end: int = 0  # bytes up to the last newline: every complete line ends by here
 
 
 class TransactionLog:
-    """Append and read back the JSON Lines audit trail of one state file."""
+    """Append and read back the JSON Lines audit trail of one state file.
+
+    Nothing about the file is remembered between calls: the tail is read afresh each
+    time (about 2 us), since no cheap proof (size, mtime, inode) shows that another
+    process did not change the file in between.
+    """
 
     def __init__(self, path: Path, mode: int) -> None:
         self.path = path
         self.mode = mode
-        self._cache: tuple[int, int, Tail] | None = None  # (ino, size) -> tail
+        self.damaged_path = path.with_name(path.name + ".damaged")
         self._seen = False  # whether the last tail() found the file
 
     # -- reading -------------------------------------------------------------
 
     def tail(self) -> Tail:
-        """Return the newest complete record's facts (cached while the file is unchanged)."""
+        """Return the newest good record's facts, read from the file now."""
         try:
-            st = os.stat(self.path)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._seen = False
             return Tail()
         self._seen = True
-        cache = self._cache
-        if cache is not None and cache[0] == st.st_ino and cache[1] == st.st_size:
-            return cache[2]
-        tail = self._scan_tail(st.st_size)
-        self._cache = (st.st_ino, st.st_size, tail)
-        return tail
-
-    def _scan_tail(self, size: int) -> Tail:
-        tail = Tail(size=size, clean_size=-1)
-        with open(self.path, "rb") as fh:
-            for raw, line_end in _lines_backwards(fh, size):
-                record = _parse(raw)
-                if record is None:
-                    continue
-                if tail.clean_size < 0:
-                    tail.seq = int(record.get("seq", 0))
-                    tail.generation = int(record.get("generation", 0))
-                    tail.line_hash = hashlib.sha256(raw).hexdigest()
-                    tail.clean_size = line_end
-                if record.get("success") and record.get("sha256"):
-                    tail.last_commit = record
-                    break
-        return tail
+        try:
+            return _scan_tail(_Reader(fd), os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
     def read(self, limit: int | None = 50) -> list[dict[str, Any]]:
         """Records newest first; lines that do not parse (a torn tail) are skipped."""
@@ -104,29 +99,54 @@ class TransactionLog:
 
     # -- writing (under the state's lock) ------------------------------------
 
-    def repair_tail(self, *, durable: bool = True) -> int:
-        """Cut a torn or garbage tail back to the last complete record; return bytes cut."""
+    def repair_tail(self, *, durable: bool = True) -> tuple[int, int]:
+        """Move damaged last lines aside and cut a torn tail; return (lines moved, bytes cut)."""
         tail = self.tail()
-        if tail.clean_size < 0 or tail.size <= tail.clean_size:
-            return 0
+        if tail.size <= max(tail.clean_size, 0):
+            return 0, 0
         path = str(self.path)
-        fd = _fs.open_file(path, os.O_WRONLY | os.O_NOFOLLOW)
+        fd = _fs.open_file(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
-            _fs.ftruncate(fd, tail.clean_size, path)
+            moved = self._set_aside(fd, tail, durable=durable)
             if durable:
                 _fs.fdatasync(fd, path)
         finally:
             os.close(fd)
-        self._cache = None
-        return tail.size - tail.clean_size
+        return moved, tail.size - tail.end
+
+    def _set_aside(self, fd: int, tail: Tail, *, durable: bool) -> int:
+        """Copy the damaged complete lines to the ``.damaged`` file (durably), then cut
+        the log back to its last good record. A complete line is never dropped."""
+        start = max(tail.clean_size, 0)
+        moved = 0
+        if tail.end > start:
+            damaged = os.pread(fd, tail.end - start, start)
+            moved = damaged.count(b"\n")
+            header = (
+                f"# {moved} damaged line(s) moved here from {self.path.name} (bytes {start}-"
+                f"{tail.end}) at {now_iso()} by pid {os.getpid()}; each line as it was:\n"
+            ).encode()
+            aside = str(self.damaged_path)
+            out = _fs.open_file(
+                aside, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, self.mode
+            )
+            try:
+                _fs.write_all(out, header + damaged, aside)
+                if durable:
+                    _fs.fsync(out, aside)
+            finally:
+                os.close(out)
+        _fs.ftruncate(fd, start, str(self.path))
+        return moved
 
     def append(
         self, record: dict[str, Any], *, created_dir: Path | None = None, durable: bool = True
     ) -> dict[str, Any]:
         """Number ``record``, chain it to the previous line, append it and fsync.
 
-        A torn or garbage tail left by a crash is cut off first, so a new record never
-        lands on the end of a broken line. Returns the record as written.
+        A torn tail left by a crash is cut off first, and damaged last lines are moved
+        to the ``.damaged`` file, so a new record never lands on the end of a broken
+        line. Returns the record as written.
 
         Raises:
             OSError: the append or its fsync failed (the caller decides what that means).
@@ -142,37 +162,18 @@ class TransactionLog:
         raw = _encode_record(record)
         path = str(self.path)
         new_file = not self._seen  # tail() just looked (a stat less per commit)
-        # Read-write: the tail checks below read the file through this descriptor.
+        # Read-write: damaged lines are read through this descriptor to be moved aside.
         fd = _fs.open_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, self.mode)
         try:
-            prefix = b""
-            if tail.clean_size >= 0 and tail.size > tail.clean_size:
-                # Cut a torn or garbage tail back to the last complete record.
-                _fs.ftruncate(fd, tail.clean_size, path)
-            elif tail.clean_size < 0 and tail.size > 0:
-                if b"\n" not in os.pread(fd, tail.size, 0):
-                    _fs.ftruncate(fd, 0, path)  # the torn first append of a crashed writer
-                elif not _ends_with_newline(fd):
-                    prefix = b"\n"  # no record parses at all: keep the bytes, start a new line
-            _fs.write_all(fd, prefix + raw + b"\n", path)
+            if tail.size > max(tail.clean_size, 0):
+                self._set_aside(fd, tail, durable=durable)
+            _fs.write_all(fd, raw + b"\n", path)
             if durable:
                 _fs.fdatasync(fd, path)
-            st = os.fstat(fd)
         finally:
             os.close(fd)
         if new_file and created_dir is not None and durable:
             _fs.fsync_dir(str(created_dir))
-        new_tail = Tail(
-            seq=record["seq"],
-            generation=record["generation"],
-            line_hash=hashlib.sha256(raw).hexdigest(),
-            last_commit=record
-            if record.get("success") and record.get("sha256")
-            else tail.last_commit,
-            clean_size=st.st_size,
-            size=st.st_size,
-        )
-        self._cache = (st.st_ino, st.st_size, new_tail)
         return record
 
 
@@ -206,6 +207,17 @@ def read_lines(path: Path) -> list[bytes]:
     return lines
 
 
+def read_log(path: Path) -> tuple[list[bytes], bytes]:
+    """The log's complete lines, oldest first, without newlines, and the torn bytes
+    after the last newline (``b""`` when the file ends with one)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], b""
+    lines = data.split(b"\n")
+    return lines[:-1], lines[-1]
+
+
 def parse_line(raw: bytes) -> dict[str, Any] | None:
     """Parse one log line; None when it is not a JSON object (torn or garbage)."""
     return _parse(raw)
@@ -216,12 +228,68 @@ def line_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _ends_with_newline(fd: int) -> bool:
-    size = os.fstat(fd).st_size
-    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+class _Reader:
+    """``seek``/``read`` over ``pread`` on a raw descriptor: no buffered file object
+    for the few kilobytes a tail read needs."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def read(self, n: int) -> bytes:
+        data = os.pread(self.fd, n, self.pos)
+        self.pos += len(data)
+        return data
 
 
-def _lines_backwards(fh: Any, size: int) -> Iterator[tuple[bytes, int]]:
+def _scan_tail(fh: Any, size: int) -> Tail:
+    """Find the newest good record (it parses and chains to the line before it) and
+    the newest commit record, reading back from the end."""
+    tail = Tail(size=size, clean_size=-1)
+    candidate: tuple[dict[str, Any], bytes, int] | None = None  # awaiting its chain check
+    found_end = False
+    for raw, line_end in _lines_backwards(fh, size, _TAIL_BLOCK):
+        if not found_end:
+            tail.end, found_end = line_end, True
+        if candidate is not None:
+            if _chains(candidate[0], raw):
+                _accept(tail, *candidate)
+            candidate = None
+            if tail.last_commit is not None:
+                return tail
+        record = _parse(raw)
+        if record is None:
+            continue
+        if tail.clean_size < 0:
+            candidate = (record, raw, line_end)
+        elif record.get("success") and record.get("sha256"):
+            tail.last_commit = record
+            return tail
+    if candidate is not None and _chains(candidate[0], None):  # the file's first line
+        _accept(tail, *candidate)
+    return tail
+
+
+def _chains(record: dict[str, Any], before: bytes | None) -> bool:
+    """True when ``record`` names the line before it (None: it is the first line)."""
+    if "prev" not in record:
+        return True  # written before records were chained
+    return bool(record["prev"] == (None if before is None else line_hash(before)))
+
+
+def _accept(tail: Tail, record: dict[str, Any], raw: bytes, line_end: int) -> None:
+    tail.seq = int(record.get("seq", 0))
+    tail.generation = int(record.get("generation", 0))
+    tail.line_hash = line_hash(raw)
+    tail.clean_size = line_end
+    if record.get("success") and record.get("sha256"):
+        tail.last_commit = record
+
+
+def _lines_backwards(fh: Any, size: int, block: int = _BLOCK) -> Iterator[tuple[bytes, int]]:
     """Yield ``(line, end)`` for each newline-terminated line, newest first.
 
     ``end`` is the offset just past the line's newline. Bytes after the last newline
@@ -231,7 +299,7 @@ def _lines_backwards(fh: Any, size: int) -> Iterator[tuple[bytes, int]]:
     rest = b""  # a line's right part whose left part is not read yet
     rest_end: int | None = None  # offset just past ``rest``'s newline; None: torn tail
     while pos > 0:
-        start = max(0, pos - _BLOCK)
+        start = max(0, pos - block)
         fh.seek(start)
         data = fh.read(pos - start) + rest
         pos = start
@@ -262,9 +330,12 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     if not raw or raw[:1] != b"{":
         return None
     try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # integers beyond 64 bits, which orjson refuses
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
     return value if isinstance(value, dict) and _well_typed(value) else None
 
 

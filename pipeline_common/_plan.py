@@ -19,7 +19,7 @@ through ``state.transaction()``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,10 +74,9 @@ def build(
         PlanProblem: no stages, an empty or duplicate name, a bad weight, an unknown
             requirement, a cycle, or a stage listed before one it requires.
     """
-    if isinstance(stages, str):
-        raise PlanProblem(
-            f"stages must be a list of names or a dict of weights, not the string {stages!r}"
-        )
+    if isinstance(stages, str) or not isinstance(stages, Iterable):
+        what = f"the string {stages!r}" if isinstance(stages, str) else repr(stages)
+        raise PlanProblem(f"stages must be a list of names or a dict of weights, not {what}")
     pairs = list(stages.items()) if isinstance(stages, Mapping) else [(s, 1.0) for s in stages]
     if not pairs:
         raise PlanProblem("a plan needs at least one stage")

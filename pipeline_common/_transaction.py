@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from dataclasses import dataclass
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _json
+from . import _check, _interrupt, _json
 from .errors import StateConflictError, StateError, StateSidecarError
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ class _Current:
     mode: int | None = None
     logged: bool = True  # matches the newest commit record of the log
     recovered: bool = False  # a recover record was appended for it just now
-    trusted: bool = False  # the very file the newest commit record wrote (by stat)
+    trusted: bool = False  # the very bytes the newest commit record wrote (by sha256)
+    sha256: str = ""  # of ``data``
 
 
 class StateTransaction:
@@ -63,6 +65,14 @@ class StateTransaction:
         _payload: bytes | None = None,
         _commit: bool = True,
     ) -> None:
+        _check.check_bool("validate", validate)
+        if seed_data is not None and not isinstance(seed_data, dict):
+            raise TypeError(
+                f"seed_data must be a dict or None, not {type(seed_data).__name__} {seed_data!r}"
+            )
+        _check.check_name("operation", operation)
+        _check.check_int("expect_version", expect_version, optional=True)
+        _check.check_bool("backup", backup, optional=True)
         self.state = state
         self.expect_version = expect_version
         self.backup = state.backup_before_write if backup is None else backup
@@ -83,6 +93,8 @@ class StateTransaction:
         self._notify: tuple[int, str, list[str] | None] | None = None
         self._migrated: tuple[int, str, list[str] | None] | None = None  # its hook is due too
         self._log_it = True
+        self._frame: FrameType | None = None  # the frame of the with statement, while open
+        self._lasti = -1  # and its instruction (the with statement) at __enter__
 
     @property
     def nested(self) -> bool:
@@ -101,9 +113,15 @@ class StateTransaction:
             return self._join(outer)
         self._t0 = time.perf_counter()
         state._lock.acquire(state.timeout, self.operation, state.path)
-        self._pid = os.getpid()
-        state._set_active(self)
         try:
+            self._pid = os.getpid()
+            # The frame of the with statement: if an interrupt kills __exit__ as it is
+            # called, the next transaction of this thread sees the frame gone and
+            # finishes the bookkeeping (state._active_transaction).
+            self._frame = sys._getframe(1)
+            self._lasti = self._frame.f_lasti
+            _interrupt.install(self)
+            state._set_active(self)
             state._prepare_sidecars()
             self._current = state._read_current_locked()
             if self._current.recovered:
@@ -127,16 +145,30 @@ class StateTransaction:
             elif self._commits:
                 self.data = state._decode(self._current.data, trusted=self._current.trusted)
         except BaseException as exc:
+            interrupted: BaseException | None = None
             try:
                 # Under the lock, so the log may be written: record the refusal (a corrupt
                 # state, a conflict, a failing step), unless the sidecars are what failed.
                 if not isinstance(exc, StateSidecarError) and state.sidecar_dir.is_dir():
                     state._log_quietly(self, success=False, error=f"{type(exc).__name__}: {exc}")
             finally:
-                state._clear_active(self)
-                state._lock.release()
+                # Inline, not a helper: an interrupt as a helper is called would skip it all.
+                # Both steps are safe to repeat, so an interrupt inside them is retried and
+                # raised once the bookkeeping is consistent.
+                for _ in range(_ATTEMPTS):
+                    try:
+                        self._frame = None
+                        state._clear_active(self)
+                        state._lock.release()
+                        _interrupt.release(self)  # may raise a deferred Ctrl-C: kept below
+                    except BaseException as cut:  # noqa: BLE001 - raised below
+                        interrupted = interrupted or cut
+                        continue
+                    break
             if self._migrated is not None:  # the migration committed even so
                 state._fire_hooks(*self._migrated)
+            if interrupted is not None:
+                raise interrupted from exc
             raise
         return self
 
@@ -178,6 +210,7 @@ class StateTransaction:
                 f"this transaction on {state.path} was opened in process {self._pid} and "
                 "cannot be finished in a forked child; open a new transaction in the child"
             )
+        interrupted: BaseException | None = None
         try:
             if exc_type is not None:
                 state._log_quietly(self, success=False, error=f"{exc_type.__name__}: {exc}")
@@ -187,16 +220,36 @@ class StateTransaction:
             elif self._log_it:
                 state._log_quietly(self, success=True)
         finally:
-            state._clear_active(self)
-            state._lock.release()
+            # Inline, not a helper: an interrupt as a helper is called would skip it all.
+            # Both steps are safe to repeat, so an interrupt inside them is retried and
+            # raised once the bookkeeping is consistent.
+            for _ in range(_ATTEMPTS):
+                try:
+                    self._frame = None
+                    state._clear_active(self)
+                    state._lock.release()
+                    _interrupt.release(self)  # may raise a deferred Ctrl-C: kept below
+                except BaseException as cut:  # noqa: BLE001 - raised below
+                    interrupted = interrupted or cut
+                    continue
+                break
             if self._migrated is not None:  # committed in __enter__, whatever the block did
                 state._fire_hooks(*self._migrated)
+            if interrupted is not None:
+                raise interrupted  # after the bookkeeping is consistent again
         if self._notify is not None:
             state._fire_hooks(*self._notify)
 
     def skip_log(self) -> None:
         """Write no log record for this transaction (it changed nothing worth one)."""
         self._log_it = False
+
+
+_ATTEMPTS = 10  # cleanup retries when interrupts keep cutting it short
+
+
+# A Ctrl-C handled as __exit__ is entered would leave before any of its code runs.
+_interrupt.defer_in(StateTransaction.__exit__.__code__)
 
 
 def _snapshot(data: dict[str, Any]) -> bytes | dict[str, Any]:

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from . import _plan
+from . import _check, _plan
 from ._time import iso as _iso
 from ._time import parse_iso as _parse_iso
 from .errors import StateError
@@ -205,6 +205,10 @@ class ProgressTracker:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if not isinstance(state, PipelineState):
+            raise TypeError(f"state must be a PipelineState, not {type(state).__name__} {state!r}")
+        for name, value in (("clock", clock), ("monotonic", monotonic), ("sleep", sleep)):
+            _check.check_callable(name, value)
         self.state = state
         self._follow = stages is None
         if stages is None:
@@ -681,7 +685,8 @@ class ProgressTracker:
         try:
             return _plan.build(stages, requires)
         except _plan.PlanProblem as exc:
-            raise PlanError(f"{path.name}: {exc}", path=path, stage=exc.stage) from None
+            text = str(exc) if str(exc).startswith("stages") else f"stages: {exc}"
+            raise PlanError(f"{path.name}: {text}", path=path, stage=exc.stage) from None
 
     def _stored_plan(self, data: dict[str, Any]) -> list[_plan.StageSpec]:
         """The plan stored in ``data``; else the old ``phase*`` keys; else no stage."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar, cast
 
+from . import _check
 from ._time import iso as _iso
 from ._time import parse_iso as _parse_iso
 
@@ -358,15 +359,19 @@ class RetryHandler:
         async_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
-        for name, value in (("retry_delay", retry_delay), ("max_delay", max_delay)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-        if not (math.isfinite(backoff_multiplier) and backoff_multiplier >= 1):
+        _check.check_int("max_retries", max_retries)
+        _check.check_seconds("retry_delay", retry_delay)
+        _check.check_seconds("max_delay", max_delay)
+        _check.check_seconds("backoff_multiplier", backoff_multiplier)
+        if not backoff_multiplier >= 1:
             raise ValueError(f"backoff_multiplier must be >= 1, not {backoff_multiplier!r}")
-        if max_elapsed is not None and not max_elapsed > 0:
-            raise ValueError(f"max_elapsed must be > 0 or None, not {max_elapsed!r}")
+        _check.check_seconds("max_elapsed", max_elapsed, optional=True, positive=True)
+        _check.check_bool("jitter", jitter)
+        if state is not None and not callable(getattr(state, "transaction", None)):
+            raise TypeError(f"state must be a PipelineState or None, not {state!r}")
+        _check.check_callable("sleep", sleep)
+        _check.check_callable("async_sleep", async_sleep)
+        _check.check_callable("clock", clock)
         self.max_retries = max_retries
         self.retry_delay = float(retry_delay)
         self.backoff_multiplier = float(backoff_multiplier)
@@ -402,6 +407,8 @@ class RetryHandler:
                 or waiting longer would pass ``max_elapsed``.
             Exception: whatever ``fn`` raised that ``retry_on`` does not match, unchanged.
         """
+        _check.check_name("operation", operation)
+        _check.check_callable("fn", fn)
         run, wait = self._start(operation)
         if wait > 0:
             self._sleep(wait)
@@ -437,6 +444,8 @@ class RetryHandler:
         The ledger writes to a state file are short blocking file operations.
         Cancellation propagates at once and is not counted.
         """
+        _check.check_name("operation", operation)
+        _check.check_callable("fn", fn)
         run, wait = self._start(operation)
         if wait > 0:
             await self._async_sleep(wait)

@@ -21,21 +21,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import _diff, _fs, _inspect, _json
+from . import _check, _diff, _fs, _inspect, _interrupt, _json
 from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
@@ -68,6 +70,25 @@ _active = threading.local()  # per thread: lock path -> the outermost open trans
 
 
 _now = now_iso
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _still_open(txn: StateTransaction) -> bool:
+    """False when the with statement that entered ``txn`` is certainly over.
+
+    That is when its frame has returned, or when that frame is entering the very same
+    with statement again (a loop): a statement cannot be nested in itself. A frame of
+    a generator or coroutine may be suspended inside the block, off the stack: open.
+    """
+    frame = txn._frame
+    if frame is None or frame.f_code.co_flags & _SUSPENDABLE:
+        return True
+    current: FrameType | None = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return current.f_lasti != txn._lasti
+        current = current.f_back
+    return False
 
 
 class PipelineState:
@@ -117,8 +138,24 @@ class PipelineState:
         compress_backups: bool = False,
         lock: str | RedisLock | None = None,
     ) -> None:
-        if max_backups < 0:
-            raise ValueError(f"max_backups must be >= 0, not {max_backups}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or path-like, not {type(path).__name__} {path!r}")
+        if not os.fspath(path):
+            raise ValueError("path must not be empty")
+        _check.check_bool("validate_on_read", validate_on_read)
+        _check.check_int("max_backups", max_backups)
+        _check.check_bool("backup_before_write", backup_before_write)
+        _check.check_seconds("timeout", timeout, optional=True, forever=True)
+        if schema is not None and not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            raise TypeError(f"schema must be a Pydantic model class or None, not {schema!r}")
+        _check.check_int("schema_version", schema_version, minimum=1, optional=True)
+        if migrations is not None:
+            if not isinstance(migrations, Mapping):
+                raise TypeError(f"migrations must be a mapping {{version: fn}}, not {migrations!r}")
+            for version, step in migrations.items():
+                _check.check_int("a migrations key", version, minimum=1)
+                _check.check_callable(f"migrations[{version}]", step)
+        _check.check_bool("compress_backups", compress_backups)
         if durability not in ("full", "atomic"):
             raise ValueError(f"durability must be 'full' or 'atomic', not {durability!r}")
         if migrations and schema_version is None:
@@ -136,7 +173,9 @@ class PipelineState:
         self._hooks: list[Callable[[int, str, list[str] | None], None]] = []
         self._hooks_guard = threading.Lock()
         self._owner_checked = 0  # pid that checked .<stem>/owner
-        self._committed_spans: tuple[tuple[int, int], _diff.Spans] | None = None
+        # The spans of our newest commit, keyed by its sha256: reused by the next commit's
+        # change summary only if the file still holds exactly those bytes.
+        self._committed_spans: tuple[str, _diff.Spans] | None = None
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.sidecar_dir = self.path.parent / f".{self.path.stem}"
         self.backups_dir = self.sidecar_dir / "backups"
@@ -177,8 +216,12 @@ class PipelineState:
             StateReadError: the file is empty, corrupt, not UTF-8 or not an object.
             StateValidationError: validation is on and the data fails the schema.
         """
-        raw, st = self._read_file()
-        data = self._decode(raw, trusted=self._is_logged_commit(st))
+        # The log is not consulted: recognising "our" file by its stat is no proof (an
+        # in-place write can keep inode, size and mtime), and hashing costs more than
+        # the full parse's check.
+        _check.check_bool("validate", validate, optional=True)
+        raw, _ = self._read_file()
+        data = self._decode(raw)
         if validate or (validate is None and self.validate_on_read):
             self._validate(data)
         return data
@@ -215,6 +258,7 @@ class PipelineState:
 
     def write(self, data: dict[str, Any], validate: bool = True) -> None:
         """Replace the whole state with ``data``, committed exactly like a transaction."""
+        _check.check_bool("validate", validate)
         if not isinstance(data, dict):
             raise StateSerializationError(
                 f"the state of {self.path} must be a dict (a JSON object), "
@@ -226,8 +270,9 @@ class PipelineState:
         ):
             pass
 
-    def list_backups(self, limit: int = 10) -> list[Path]:
+    def list_backups(self, limit: int | None = 10) -> list[Path]:
         """Return up to ``limit`` backups, newest first."""
+        _check.check_int("limit", limit, optional=True)
         return self.backup_manager.list_paths(limit)
 
     @overload
@@ -267,8 +312,15 @@ class PipelineState:
                 a symlink, a directory, a FIFO) or corrupt; nothing changed.
             StateValidationError: the backup fails the schema (pass ``validate=False``).
         """
+        _check.check_bool("validate", validate)
+        _check.check_bool("dry_run", dry_run)
         if isinstance(backup_path, BackupInfo):
             backup_path = backup_path.path
+        if not isinstance(backup_path, (str, os.PathLike)):
+            raise TypeError(
+                "backup_path must be a str, a path-like or a BackupInfo, "
+                f"not {type(backup_path).__name__} {backup_path!r}"
+            )
         backup = self.backup_manager.check(backup_path)
         payload = self.backup_manager.read_checked(backup)  # decompressed, parsed once
         if dry_run:
@@ -283,12 +335,13 @@ class PipelineState:
             pass
         return True
 
-    def get_transaction_history(self, limit: int = 50) -> list[dict[str, Any]]:
+    def get_transaction_history(self, limit: int | None = 50) -> list[dict[str, Any]]:
         """Return up to ``limit`` log records, newest first.
 
         Each has ``seq``, ``timestamp`` (ISO 8601, UTC), ``operation``, ``success``,
         ``details``, ``generation`` and, for commits, ``sha256`` of the committed bytes.
         """
+        _check.check_int("limit", limit, optional=True)
         try:
             return self._log.read(limit)
         except OSError as exc:
@@ -308,11 +361,12 @@ class PipelineState:
     def read_versioned(self, *, wait: float = 1.0) -> tuple[dict[str, Any], int]:
         """Return ``(data, version)`` of one committed state, without a lock.
 
-        The version is matched to the bytes read (by the file's identity as the log
-        recorded it), so the pair never mixes two commits; a commit whose record is
+        The version is matched to the bytes read (by their sha256, as the log recorded
+        it), so the pair never mixes two commits; a commit whose record is
         still being appended is waited for, up to ``wait`` seconds. A file changed
         outside the library gets the log's newest version after that wait.
         """
+        _check.check_seconds("wait", wait)
         deadline = time.monotonic() + wait
         while True:
             raw, st = self._read_file()
@@ -320,7 +374,7 @@ class PipelineState:
             last = tail.last_commit
             if raw is None or st is None:
                 return {}, tail.generation
-            if last is not None and last.get("stat") == [st.st_ino, st.st_mtime_ns]:
+            if last is not None and last.get("sha256") == hashlib.sha256(raw).hexdigest():
                 return self._decode(raw), int(last.get("generation", tail.generation))
             if time.monotonic() >= deadline:
                 # Changed outside the library (or a crash lost the record): the next
@@ -328,12 +382,14 @@ class PipelineState:
                 return self._decode(raw), tail.generation
             time.sleep(0.002)
 
-    def history(self, limit: int = 20) -> list[HistoryRecord]:
+    def history(self, limit: int | None = 20) -> list[HistoryRecord]:
         """The newest ``limit`` log records as :class:`HistoryRecord` (one-line reprs)."""
+        _check.check_int("limit", limit, optional=True)
         return [HistoryRecord.from_raw(r) for r in self.get_transaction_history(limit)]
 
     def backups(self, limit: int | None = None) -> list[BackupInfo]:
         """Backups newest first, as :class:`BackupInfo` (generation, created, size, operation)."""
+        _check.check_int("limit", limit, optional=True)
         return _inspect.backup_infos(self, limit)
 
     def at(self, generation: int) -> dict[str, Any]:
@@ -342,6 +398,7 @@ class PipelineState:
         Raises:
             StateBackupError: no backup holds that generation any more.
         """
+        _check.check_int("generation", generation)
         return _inspect.content_at(self, generation)
 
     def diff(self, a: Any, b: Any = "current") -> Diff:
@@ -397,6 +454,9 @@ class PipelineState:
         Polls the log's size and mtime (a stat, no parsing) every ``interval`` seconds,
         so any process can follow another's commits.
         """
+        _check.check_int("since_version", since_version)
+        _check.check_seconds("timeout", timeout, optional=True, forever=True)
+        _check.check_seconds("interval", interval, positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[int, int] | None = None
         while True:
@@ -424,6 +484,7 @@ class PipelineState:
         Runs in the committing thread after the lock is released. A callback that
         raises is logged and ignored: it never breaks a commit.
         """
+        _check.check_callable("callback", callback)
         with self._hooks_guard:
             self._hooks.append(callback)
 
@@ -486,6 +547,14 @@ class PipelineState:
         txn = stack.get(str(self.lock_path))
         if txn is None or txn._pid != os.getpid():
             return None
+        if not _still_open(txn):
+            # Its with statement is gone, yet __exit__ never ran (an interrupt as it was
+            # called): finish its bookkeeping, or this transaction would join a dead one.
+            txn._frame = None
+            self._clear_active(txn)
+            self._lock.release()
+            _interrupt.release(txn)
+            return None
         return txn
 
     def _set_active(self, txn: StateTransaction) -> None:
@@ -499,10 +568,10 @@ class PipelineState:
         if stack is not None and stack.get(str(self.lock_path)) is txn:
             del stack[str(self.lock_path)]
 
-    @contextmanager
-    def _locked_operation(self, operation: str) -> Iterator[StateTransaction]:
-        with StateTransaction(self, operation=operation, _commit=False) as txn:
-            yield txn
+    def _locked_operation(self, operation: str) -> StateTransaction:
+        """A transaction that commits nothing: the lock and a log record (a class, not a
+        generator, so its with statement's frame is the caller's: see _active_transaction)."""
+        return StateTransaction(self, operation=operation, _commit=False)
 
     def _prepare_sidecars(self) -> None:
         """Create ``.<stem>/`` and ``backups/`` if needed; refuse symlinked ones."""
@@ -630,21 +699,6 @@ class PipelineState:
         finally:
             os.close(fd)
 
-    def _is_logged_commit(self, st: os.stat_result | None, tail: Tail | None = None) -> bool:
-        """True when ``st`` is the very file the newest commit record wrote."""
-        if st is None:
-            return False
-        try:
-            last = (tail if tail is not None else self._log.tail()).last_commit
-        except (OSError, ValueError, TypeError):
-            return False
-        return (
-            last is not None
-            and last.get("size") == st.st_size
-            and last.get("stat") == [st.st_ino, st.st_mtime_ns]
-            and not last.get("long_integers")  # orjson would read those as floats
-        )
-
     def _decode(self, raw: bytes | None, *, trusted: bool = False) -> dict[str, Any]:
         if raw is None:
             return {}
@@ -693,11 +747,12 @@ class PipelineState:
         current = _Current(raw, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
         tail = self._tail()
         last = tail.last_commit
-        if self._is_logged_commit(st, tail):
-            current.trusted = True  # exactly the file our newest record committed
-            return current
+        # Hashed, not recognised by stat: an in-place write of the same size within one
+        # mtime tick keeps inode, size and mtime, so only the bytes prove the file is ours.
         digest = hashlib.sha256(raw).hexdigest()
+        current.sha256 = digest
         if last is not None and last.get("sha256") == digest:
+            current.trusted = not last.get("long_integers")  # orjson reads those as floats
             return current
         # A commit without its record (crash or log error after the rename), or a change
         # made outside this library: record it, so the log matches the state again.
@@ -808,6 +863,14 @@ class PipelineState:
         current = txn._current
         assert current is not None
         try:
+            # The block may have reassigned these: everything that can fail is checked
+            # before the replace, after which only StateDurabilityError may be raised.
+            if not isinstance(txn.details, dict):
+                raise TypeError(
+                    f"txn.details must stay a dict, not {type(txn.details).__name__}; "
+                    f"nothing was written to {self.path}"
+                )
+            _check.check_name("txn.operation", txn.operation)
             new_spans: _diff.Spans | None = None
             if txn._payload is not None:
                 payload = txn._payload
@@ -878,13 +941,7 @@ class PipelineState:
             raise
         sha256 = digest.hexdigest()
         cached = self._committed_spans
-        old_spans = (
-            cached[1]
-            if cached is not None
-            and current.trusted
-            and cached[0] == (current.ino, current.mtime_ns)
-            else None
-        )
+        old_spans = cached[1] if cached is not None and cached[0] == current.sha256 else None
         try:
             changes = _diff.changed_top_level(
                 current.data, payload, old_spans=old_spans, new_spans=new_spans
@@ -893,7 +950,7 @@ class PipelineState:
             _logger.exception("could not summarize the changes of a commit to %s", self.path)
             changes = None
         if new_spans is not None:  # the next commit's "old" side, while the file stays ours
-            self._committed_spans = ((committed.ino, committed.mtime_ns), new_spans)
+            self._committed_spans = (sha256, new_spans)  # valid for exactly these bytes
         written = self._log_quietly(
             txn,
             success=True,
@@ -905,15 +962,19 @@ class PipelineState:
                 **({"long_integers": True} if long_ints else {}),
             },
         )
-        generation = written["generation"] if written else self._tail().generation + 1
+        try:
+            generation = written["generation"] if written else self._tail().generation + 1
+        except StateSidecarError:  # committed already; the log is unreadable: warned above
+            generation = -1
         txn._notify = (generation, txn.operation, changes)
         if backup is not None:
             try:
                 self.backup_manager.prune()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - committed already: never raise now
                 warnings.warn(
                     f"{self.path} was committed, but pruning old backups in {self.backups_dir} "
-                    f"failed ({exc.strerror}); the next commit tries again.",
+                    f"failed ({getattr(exc, 'strerror', None) or exc}); the next commit tries "
+                    "again.",
                     StateWarning,
                     stacklevel=4,
                 )
@@ -968,7 +1029,11 @@ class PipelineState:
     ) -> dict[str, Any] | None:
         if commit is None and not self._still_holds_lock():
             return None  # a lost Redis lock: another writer may be appending right now
-        details = dict(txn.details)
+        raw_details = txn.details
+        details = (
+            dict(raw_details) if isinstance(raw_details, dict) else {"details": repr(raw_details)}
+        )
+        operation = txn.operation if isinstance(txn.operation, str) else repr(txn.operation)
         if error is not None:
             details["error"] = error
         if step:
@@ -978,7 +1043,7 @@ class PipelineState:
             details["error"] = durable_error
         record: dict[str, Any] = {
             "timestamp": _now(),
-            "operation": txn.operation,
+            "operation": operation,
             "success": success,
             "details": details,
             "pid": os.getpid(),

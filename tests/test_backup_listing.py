@@ -1,10 +1,9 @@
-"""The remembered backups listing: used only when nothing can have changed since.
+"""The backups listing: made afresh at every commit, never remembered across holds.
 
-A commit lists the backups folder to name the new backup and prune the oldest. That
-listing is remembered and reused by the next commit of the same process, but only if
-no other process took the lock in between (the lock file still holds this process's
-release mark) and the folder's signature is unchanged. Each test below makes one of
-those conditions false and checks that the backups stay exactly right.
+A commit lists the backups folder to name the new backup and prune the oldest. A
+listing remembered from the previous hold was removed (issue 12): its guard, the
+folder's timestamps, cannot show a change made within one timestamp tick. Each test
+below changes the folder between commits in one way and checks the backups stay right.
 """
 
 from __future__ import annotations
@@ -44,11 +43,20 @@ def listings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.fixture(params=["fine", "frozen"])
 def folder_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test twice: with real folder signatures, and with signatures that never
-    change (a file system whose timestamps are too coarse to show a change), so the
-    lock's evidence alone must keep the listing right."""
+    """Run a test twice: with real folder timestamps, and with the folder's mtime set
+    back after each commit (a file system whose timestamps are too coarse to show a
+    change): the listing must stay right without them."""
     if request.param == "frozen":
-        monkeypatch.setattr("pipeline_common._backup._signature", lambda folder: (1,))
+        real = BackupManager.prune
+
+        def prune_then_freeze(self: BackupManager) -> list[str]:
+            st = os.stat(self.backups_dir)
+            try:
+                return real(self)
+            finally:
+                os.utime(self.backups_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+        monkeypatch.setattr(BackupManager, "prune", prune_then_freeze)
     return str(request.param)
 
 
@@ -67,18 +75,18 @@ def _commit(state: PipelineState, n: int) -> None:
             txn.data["n"] = n
 
 
-def test_the_listing_is_reused_between_commits_and_stays_right(
+def test_the_listing_is_made_afresh_at_every_commit_and_stays_right(
     tmp_path: Path, listings: list[int]
 ) -> None:
-    """200 commits list the folder only every 64th time, and after each one the folder
-    holds exactly the newest max_backups replaced versions."""
+    """200 commits list the folder once each (the link and the prune share it), and
+    after each one the folder holds exactly the newest max_backups replaced versions."""
     state = PipelineState(tmp_path / "pipeline.json", max_backups=_MAX)
     state.write({"n": 0})
     listings.clear()
     for n in range(1, 201):
         _commit(state, n)
         assert _backup_contents(state) == list(range(max(n - _MAX, 0), n))
-    assert 200 // 64 <= len(listings) <= 200 // 64 + 2
+    assert len(listings) == 200
 
 
 def test_two_states_of_one_process_on_one_file_never_share_a_stale_listing(

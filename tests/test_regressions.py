@@ -11,14 +11,20 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pipeline_common import PipelineState, StateLockError, StateReadError, StateWriteError
+from pipeline_common import (
+    PipelineState,
+    StateLockError,
+    StateReadError,
+    StateTransaction,
+    StateWriteError,
+)
 from pipeline_common.testing import inject_fault
 
 
@@ -422,3 +428,82 @@ def test_zero_retry_delay_never_overflows_into_max_delay() -> None:
     with pytest.raises(Exception, match="gave up"):
         retry.call("op", step)
     assert all(d == 0 for d in slept)
+
+
+# -- trust, round 2 (issue 12) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda line: b'{"seq": 3, "operation": "edited by hand"\n', id="no-parse"),
+        pytest.param(
+            lambda line: line.replace(b'"prev":"', b'"prev":"0'), id="parses-but-no-chain"
+        ),
+    ],
+)
+def test_a_damaged_complete_last_log_line_is_reported_and_moved_aside_never_erased(
+    tmp_path: Path, edit: Callable[[bytes], bytes]
+) -> None:
+    """Defect 5: a complete last line that does not parse or chain is damage, not a torn
+    append: verify says so, and the next commit (another process) moves it, byte for
+    byte, to transactions.log.damaged instead of deleting it."""
+    s = PipelineState(tmp_path / "q.json")
+    for i in range(3):
+        s.write({"n": i})
+    lines = s.log_path.read_bytes().splitlines(keepends=True)
+    damaged = edit(lines[-1])
+    assert damaged != lines[-1]
+    assert damaged.endswith(b"\n")
+    s.log_path.write_bytes(b"".join([*lines[:-1], damaged]))
+    detail = next(c.detail for c in s.verify().checks if c.name == "log chain intact")
+    assert "torn" not in detail
+    assert "damaged last line is kept" in detail
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from pipeline_common import PipelineState as P\nP({str(s.path)!r}).write({{'n': 9}})",
+        ],
+        check=True,
+    )
+    aside = s.log_path.with_name("transactions.log.damaged").read_bytes()
+    assert aside.splitlines(keepends=True)[-1] == damaged  # kept as it was
+    ops = [json.loads(x)["operation"] for x in s.log_path.read_text().splitlines()]
+    assert ops == ["write", "write", "recover", "write"]  # the commit it described is recorded
+    report = s.verify()
+    assert [c.name for c in report.checks if not c.ok] == ["log chain intact"]
+    assert "moved aside" in repr(report)  # until an operator has read and removed it
+    s.log_path.with_name("transactions.log.damaged").unlink()
+    assert s.verify()
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda t: setattr(t, "details", None), id="details-None"),
+        pytest.param(lambda t: setattr(t, "details", [1]), id="details-list"),
+        pytest.param(lambda t: setattr(t, "operation", 123), id="operation-int"),
+        pytest.param(lambda t: setattr(t, "operation", ""), id="operation-empty"),
+    ],
+)
+def test_what_the_block_spoils_is_refused_before_the_replace(
+    tmp_path: Path, spoil: Callable[[StateTransaction], None]
+) -> None:
+    """Defect 6: txn.details / txn.operation reassigned in the block raise before the
+    replace: the file is unchanged and the error is not a lie."""
+    s = PipelineState(tmp_path / "d.json")
+    s.write({"n": 0})
+
+    def block() -> None:
+        with s.transaction() as t:
+            t.data["n"] = 1
+            spoil(t)
+
+    with pytest.raises((TypeError, ValueError)):
+        block()
+    assert s.read() == {"n": 0}
+    assert s.version == 1
+    with s.transaction() as t:
+        t.data["n"] = 2
+    assert s.read() == {"n": 2}

@@ -344,7 +344,7 @@ def test_predicate_returning_nonsense_is_an_error() -> None:
     ("kwargs", "error"),
     [
         ({"max_retries": -1}, ValueError),
-        ({"max_retries": 1.5}, ValueError),
+        ({"max_retries": 1.5}, TypeError),
         ({"retry_delay": -0.1}, ValueError),
         ({"max_delay": float("nan")}, ValueError),
         ({"backoff_multiplier": 0.5}, ValueError),
