@@ -1,10 +1,16 @@
 """Rotating backups of every replaced state version.
 
-A backup is a hard link to the replaced version's inode, made before the state is
-replaced: no data is copied (8 microseconds at any size, against 28 ms to copy 10 MB),
-and since a commit never writes into the state file in place, that inode is never
-changed again. Names carry a timestamp that only moves forward, so name order is
-creation order even when the clock steps back.
+A commit's backup is a hard link to the replaced version's inode, made just before
+the commit renames the new version over it: no data is copied (8 microseconds at any
+size, against 28 ms to copy 10 MB), and once the rename has happened no name but the
+backup's leads to that inode, so nothing writes into it again. Anywhere else (a
+backup made on request, while the state stays in place) a link would share the live
+inode, which a program that rewrites the file in place (``open(path, "w")``) would
+change too: those backups are independent copies. Every backup gets the state's
+current permission bits, and older backups are narrowed to them after each commit,
+so tightening the state's mode leaves no wider copy of its data behind. Names carry
+a timestamp that only moves forward, so name order is creation order even when the
+clock steps back.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 from . import _fs, _json
 from ._lock import ProcessLock
+from ._oserror import ADVISED, explain
 from .errors import StateBackupError, StateWriteError
 
 __all__ = ["BackupManager"]
@@ -71,6 +78,7 @@ class BackupManager:
         # took the lock in between and the folder is unchanged; see _current_names.
         self._cache: tuple[int, int, tuple[int, ...], list[str]] | None = None
         self._cache_uses = 0
+        self._narrowed: int | None = None  # the state mode the backups were narrowed to
         stem = re.escape(state_path.stem)
         self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.(?:bak|gz)\Z")
         # The same, over a whole listing joined by newlines (which names cannot hold):
@@ -88,7 +96,9 @@ class BackupManager:
             StateLockError: the lock was not obtained in time.
         """
         with self._locked("create_backup") as txn:
-            backup = self.link_current()
+            # A copy, never a link: the state stays in place, and a program that
+            # rewrites it in place would change a linked backup with it.
+            backup = self.link_current(copy=True)
             if backup is not None:
                 self.sync()
             if backup is None:
@@ -99,7 +109,7 @@ class BackupManager:
             txn_details = getattr(txn, "details", None)
             if isinstance(txn_details, dict):
                 txn_details["backup"] = backup.name
-            self.prune()
+            self.prune(self._state_mode())
             return backup
 
     def names(self) -> list[str]:
@@ -192,19 +202,29 @@ class BackupManager:
         data = backup.read_bytes()
         return gzip.decompress(data) if backup.name.endswith(".gz") else data
 
-    def link_current(self, *, corrupt: bool = False, current: bytes | None = None) -> Path | None:
-        """Hard-link the current state file into the backups folder.
+    def link_current(
+        self, *, corrupt: bool = False, current: bytes | None = None, copy: bool = False
+    ) -> Path | None:
+        """Back up the current state file: a hard link, or a copy with ``copy=True``.
 
-        Called under the lock, before the state is replaced; :meth:`sync` must follow
-        before the replace. Returns None when there is no state file. ``corrupt=True``
-        keeps an unparseable state aside under a ``.json.corrupt`` name, outside the
-        rotation, so a full replacement of a broken file loses nothing.
+        Called under the lock. A link is only right just before the commit replaces
+        the state by a rename (after which the linked inode cannot change); anything
+        else passes ``copy=True``. :meth:`sync` must follow before the replace.
+        Returns None when there is no state file. ``corrupt=True`` keeps an
+        unparseable state aside under a ``.json.corrupt`` name, outside the rotation,
+        so a full replacement of a broken file loses nothing.
 
         Raises:
-            StateWriteError: the link failed; nothing was replaced.
+            StateWriteError: the link or copy failed; nothing was replaced.
         """
         self._listed = None
-        if current is None and not os.path.lexists(self.state_path):
+        mode: int | None = None
+        if copy:
+            read = self._read_state()
+            if read is None:
+                return None
+            current, mode = read
+        elif current is None and not os.path.lexists(self.state_path):
             return None  # (given ``current``, the caller has just read the file, locked)
         existing = self._current_names()
         self._changing()  # remembered again after the prune
@@ -222,8 +242,8 @@ class BackupManager:
             name = self._next_name(existing, suffix)
             target = self.backups_dir / name
             try:
-                if compress:
-                    self._write_compressed(target, current)
+                if compress or copy:
+                    self._write_copy(target, current, mode, compress=compress)
                 else:
                     _fs.link(str(self.state_path), str(target))
                 if not corrupt:
@@ -234,9 +254,13 @@ class BackupManager:
             except OSError as exc:
                 raise StateWriteError(
                     f"could not back up {self.state_path} into {self.backups_dir}: "
-                    f"link failed ({exc.strerror or exc}); the state file is unchanged. "
-                    "Backups need a file system with hard links; fix the cause or pass "
-                    "backup_before_write=False.",
+                    f"{explain(exc, self.backups_dir)}; the state file is unchanged. "
+                    + (
+                        ""
+                        if exc.errno in ADVISED
+                        else "Backups need a file system with hard links; fix the cause or "
+                        "pass backup_before_write=False."
+                    ),
                     path=self.state_path,
                     step="link backup",
                     errno=exc.errno,
@@ -249,18 +273,53 @@ class BackupManager:
             step="link backup",
         )
 
-    def _write_compressed(self, target: Path, current: bytes | None) -> None:
+    def _read_state(self) -> tuple[bytes, int] | None:
+        """The state file's bytes and permission bits, from one open; None if absent.
+
+        Raises:
+            StateWriteError: the file cannot be read (nothing was backed up).
+        """
+        try:
+            fd = os.open(self.state_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateWriteError(
+                f"could not back up {self.state_path}: reading it failed "
+                f"({explain(exc, self.state_path.parent)}); nothing was backed up.",
+                path=self.state_path,
+                step="read state for backup",
+                errno=exc.errno,
+            ) from exc
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return fh.read(), mode
+        finally:
+            os.close(fd)
+
+    def _state_mode(self) -> int | None:
+        try:
+            return stat.S_IMODE(os.stat(self.state_path).st_mode)
+        except OSError:
+            return None
+
+    def _write_copy(
+        self, target: Path, current: bytes | None, mode: int | None, *, compress: bool
+    ) -> None:
         # Complete and fsynced under a temp name, then linked to the final name, which
         # fails rather than overwrite an existing backup. The temp never outlives this.
-        data = gzip.compress(
-            current if current is not None else self.state_path.read_bytes(), compresslevel=1
-        )
+        data = current if current is not None else self.state_path.read_bytes()
+        if compress:
+            data = gzip.compress(data, compresslevel=1)
+        if mode is None:
+            mode = stat.S_IMODE(os.stat(self.state_path).st_mode)
         tmp = str(target.with_name(f".{target.name}.tmp"))
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         try:
             fd = _fs.open_file(tmp, flags, 0o600)
             try:
-                _fs.fchmod(fd, stat.S_IMODE(os.stat(self.state_path).st_mode), tmp)
+                _fs.fchmod(fd, mode, tmp)
                 _fs.write_all(fd, data, tmp)
                 if self.durable:
                     _fs.fsync(fd, tmp)
@@ -270,10 +329,10 @@ class BackupManager:
             with contextlib.suppress(OSError):
                 _fs.unlink(tmp)
             raise StateWriteError(
-                f"could not back up {self.state_path}: writing the compressed backup "
-                f"{tmp} failed ({exc.strerror or exc}); the state file is unchanged.",
+                f"could not back up {self.state_path}: writing the backup "
+                f"{tmp} failed ({explain(exc, self.backups_dir)}); the state file is unchanged.",
                 path=self.state_path,
-                step="write compressed backup",
+                step="write compressed backup" if compress else "write backup copy",
                 errno=exc.errno,
             ) from exc
         except BaseException:
@@ -317,10 +376,12 @@ class BackupManager:
         with contextlib.suppress(OSError):
             _fs.unlink(str(backup))
 
-    def prune(self) -> list[str]:
+    def prune(self, state_mode: int | None = None) -> list[str]:
         """Delete the oldest backups beyond ``max_backups``; return the names removed.
 
         Runs after the commit, so a crash here only leaves one backup too many.
+        ``state_mode`` (the committed state's permission bits) narrows the backups
+        kept to it, once per mode per process: see :meth:`narrow`.
         """
         # The listing made for the link just before is still right (we hold the lock).
         names, self._listed = (self._listed or self.names()), None
@@ -331,8 +392,44 @@ class BackupManager:
         for name in excess:
             with contextlib.suppress(FileNotFoundError):  # gone already: the goal
                 _fs.unlink(os.path.join(self.backups_dir, name))
-        self._remember(names[cut:])
+        kept = names[cut:]
+        # Narrow all when the state's mode is new to this object, or when a recent
+        # backup is wider than the state (its mode was narrowed since they were made).
+        if state_mode is not None and (
+            state_mode != self._narrowed or self._wider(kept[-2:], state_mode)
+        ):
+            self.narrow(state_mode, kept)
+        self._remember(kept)
         return excess
+
+    def _wider(self, names: list[str], state_mode: int) -> bool:
+        for name in names:
+            with contextlib.suppress(OSError):
+                if os.lstat(os.path.join(self.backups_dir, name)).st_mode & 0o7777 & ~state_mode:
+                    return True
+        return False
+
+    def narrow(self, state_mode: int, names: list[str] | None = None) -> list[str]:
+        """Take from each backup every permission bit the state does not have.
+
+        A backup holds the data of the state, so it should be no more readable than
+        the state is now: after ``chmod 600 pipeline.json``, the next commit narrows
+        the older backups (made while it was 0644) to 0600. Bits are only removed,
+        never added. Runs under the lock, after the commit's rename (a backup is then
+        never the live file's inode). Returns the names changed.
+        """
+        changed = []
+        for name in self.names() if names is None else names:
+            path = os.path.join(self.backups_dir, name)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & ~state_mode:
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & state_mode)
+                    changed.append(name)
+            except OSError:
+                continue  # gone, or not ours to change (another user's backup)
+        self._narrowed = state_mode
+        return changed
 
     def check(self, backup_path: str | os.PathLike[str]) -> Path:
         """Return ``backup_path`` as a path inside the backups folder, or raise.

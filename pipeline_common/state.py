@@ -890,7 +890,7 @@ class PipelineState:
         txn._notify = (generation, txn.operation, changes)
         if backup is not None:
             try:
-                self.backup_manager.prune()
+                self.backup_manager.prune(current.mode)
             except OSError as exc:
                 warnings.warn(
                     f"{self.path} was committed, but pruning old backups in {self.backups_dir} "
