@@ -30,6 +30,7 @@ from pathlib import Path
 from . import _fs, _json
 from ._lock import ProcessLock
 from ._oserror import ADVISED, explain
+from ._sidecar import check_folders
 from .errors import StateBackupError, StateWriteError
 
 __all__ = ["BackupManager"]
@@ -113,7 +114,12 @@ class BackupManager:
             return backup
 
     def names(self) -> list[str]:
-        """Backup file names, oldest first (name order is creation order)."""
+        """Backup file names, oldest first (name order is creation order).
+
+        Raises:
+            StateSidecarError: the backups folder or its parent is a symlink or a file.
+        """
+        check_folders((self.backups_dir.parent, self.backups_dir))
         try:
             entries = os.listdir(self.backups_dir)
         except FileNotFoundError:
@@ -448,6 +454,7 @@ class BackupManager:
                 "; repair the file by hand or move it away to start over",
                 path=self.state_path,
             )
+        check_folders((self.backups_dir.parent, self.backups_dir))
         given = Path(os.fspath(backup_path))
         candidate = (
             given if given.is_absolute() or len(given.parts) > 1 else self.backups_dir / given

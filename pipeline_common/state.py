@@ -35,7 +35,7 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import _diff, _fs, _inspect, _json
+from . import _diff, _fs, _inspect, _json, _sidecar
 from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
@@ -216,7 +216,7 @@ class PipelineState:
 
     def list_backups(self, limit: int = 10) -> list[Path]:
         """Return up to ``limit`` backups, newest first."""
-        return self.backup_manager.list_paths(limit)
+        return self.backup_manager.list_paths(limit)  # refuses symlinked sidecars
 
     @overload
     def restore_backup(
@@ -276,7 +276,11 @@ class PipelineState:
 
         Each has ``seq``, ``timestamp`` (ISO 8601, UTC), ``operation``, ``success``,
         ``details``, ``generation`` and, for commits, ``sha256`` of the committed bytes.
+
+        Raises:
+            StateSidecarError: the log is unreadable, or a sidecar folder is a symlink.
         """
+        self._check_sidecars()
         try:
             return self._log.read(limit)
         except OSError as exc:
@@ -291,6 +295,7 @@ class PipelineState:
     @property
     def version(self) -> int:
         """The generation of the current state: commits so far (0 before the first)."""
+        self._check_sidecars()
         return self._tail().generation
 
     def read_versioned(self, *, wait: float = 1.0) -> tuple[dict[str, Any], int]:
@@ -302,6 +307,7 @@ class PipelineState:
         outside the library gets the log's newest version after that wait.
         """
         deadline = time.monotonic() + wait
+        self._check_sidecars()
         while True:
             raw, st = self._read_file()
             tail = self._tail()
@@ -322,6 +328,7 @@ class PipelineState:
 
     def backups(self, limit: int | None = None) -> list[BackupInfo]:
         """Backups newest first, as :class:`BackupInfo` (generation, created, size, operation)."""
+        self._check_sidecars()
         return _inspect.backup_infos(self, limit)
 
     def at(self, generation: int) -> dict[str, Any]:
@@ -330,17 +337,24 @@ class PipelineState:
         Raises:
             StateBackupError: no backup holds that generation any more.
         """
+        self._check_sidecars()
         return _inspect.content_at(self, generation)
 
     def diff(self, a: Any, b: Any = "current") -> Diff:
         """Changes from ``a`` to ``b``; each is "current", a generation, a backup or a dict."""
+        self._check_sidecars()
         return _diff.diff(_inspect.resolve(self, a), _inspect.resolve(self, b))
 
     def verify(self) -> VerifyReport:
         """Check the state, the log's hash chain, the backups, stray temps and the lock file.
 
         The report is truthy when healthy; its repr lists every check.
+
+        Raises:
+            StateSidecarError: a sidecar folder is a symlink (or a file): nothing is
+                read through it.
         """
+        self._check_sidecars()
         return _inspect.verify(self)
 
     def repair(self) -> RepairReport:
@@ -384,6 +398,7 @@ class PipelineState:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[int, int] | None = None
+        self._check_sidecars()
         while True:
             try:
                 st = os.stat(self.log_path)
@@ -489,6 +504,11 @@ class PipelineState:
         with StateTransaction(self, operation=operation, _commit=False) as txn:
             yield txn
 
+    def _check_sidecars(self) -> None:
+        """Refuse to read through a sidecar folder that is a symlink (or a file), with
+        the error a writer gets; see :mod:`pipeline_common._sidecar`."""
+        _sidecar.check_folders((self.sidecar_dir, self.backups_dir))
+
     def _prepare_sidecars(self) -> None:
         """Create ``.<stem>/`` and ``backups/`` if needed; refuse symlinked ones."""
         for folder in (self.sidecar_dir, self.backups_dir):
@@ -513,12 +533,7 @@ class PipelineState:
                 else:
                     continue
             if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-                raise StateSidecarError(
-                    f"{folder} must be a real folder, but it is a "
-                    f"{'symlink' if stat.S_ISLNK(st.st_mode) else 'file'}; pipeline_common "
-                    "refuses to follow it. Move it away and run again.",
-                    path=folder,
-                )
+                raise _sidecar.refused(folder, st)
         if self._owner_checked != os.getpid():
             self._check_owner()
             self._owner_checked = os.getpid()
