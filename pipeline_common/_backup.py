@@ -251,7 +251,15 @@ class BackupManager:
                 if compress or copy:
                     self._write_copy(target, current, mode, compress=compress)
                 else:
-                    _fs.link(str(self.state_path), str(target))
+                    try:
+                        _fs.link(str(self.state_path), str(target))
+                    except PermissionError:
+                        # EPERM: the kernel refuses to link another user's file
+                        # (fs.protected_hardlinks); a copy of the bytes read under the
+                        # lock is the same backup.
+                        if current is None:
+                            raise
+                        self._write_copy(target, current, None, compress=False)
                 if not corrupt:
                     self._listed = [*existing, name]
                 return target
@@ -260,11 +268,11 @@ class BackupManager:
             except OSError as exc:
                 raise StateWriteError(
                     f"could not back up {self.state_path} into {self.backups_dir}: "
-                    f"{explain(exc, self.backups_dir)}; the state file is unchanged. "
+                    f"{explain(exc, self.backups_dir)}; the state file is unchanged."
                     + (
                         ""
                         if exc.errno in ADVISED
-                        else "Backups need a file system with hard links; fix the cause or "
+                        else " Backups need a file system with hard links; fix the cause or "
                         "pass backup_before_write=False."
                     ),
                     path=self.state_path,

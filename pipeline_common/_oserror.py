@@ -9,6 +9,11 @@ from __future__ import annotations
 import errno
 import os
 
+try:
+    import pwd
+except ImportError:  # pragma: no cover - Windows
+    pwd = None  # type: ignore[assignment]
+
 __all__ = ["ADVISED", "PERMISSION", "explain"]
 
 PERMISSION = frozenset({errno.EACCES, errno.EPERM})
@@ -20,10 +25,8 @@ ADVISED = frozenset({*PERMISSION, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 def _user() -> str:
     try:
-        import pwd
-
         return f"{pwd.getpwuid(os.geteuid()).pw_name!r} (uid {os.geteuid()})"
-    except (ImportError, KeyError, AttributeError):  # pragma: no cover - Windows, no passwd entry
+    except (KeyError, AttributeError):  # pragma: no cover - Windows, no passwd entry
         return "this user"
 
 
@@ -35,7 +38,8 @@ def explain(exc: OSError, folder: str | os.PathLike[str]) -> str:
     where = os.fspath(folder)
     if exc.errno in PERMISSION:
         return (
-            f"permission denied ({exc.strerror}): {_user()} may not write in {where}. "
+            f"{'permission denied' if exc.errno == errno.EACCES else 'operation not permitted'}"
+            f": {_user()} may not write in {where}. "
             "Run as a user who can, or give this user write access to that folder and "
             "its files (chmod, chown)"
         )

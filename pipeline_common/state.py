@@ -44,6 +44,7 @@ from ._digest import Digest
 from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyReport
 from ._lock import ProcessLock, get_process_lock, read_holder
 from ._log import Tail, TransactionLog
+from ._oserror import explain
 from ._time import now_iso
 from ._transaction import StateTransaction, _Current
 from .errors import (
@@ -524,8 +525,7 @@ class PipelineState:
                 except OSError as exc:
                     raise StateWriteError(
                         f"cannot create the sidecar folder {folder} for {self.path}: "
-                        f"{exc.strerror}; the state file is unchanged. Check the folder's "
-                        "permissions and free space.",
+                        f"{explain(exc, folder.parent)}; the state file is unchanged.",
                         path=self.path,
                         step="create sidecar folder",
                         errno=exc.errno,
@@ -587,8 +587,8 @@ class PipelineState:
                 _fs.fsync_dir(str(self.sidecar_dir))
         except OSError as exc:
             raise StateWriteError(
-                f"cannot create {owner} for {self.path}: {exc.strerror}; the state file is "
-                "unchanged.",
+                f"cannot create {owner} for {self.path}: {explain(exc, owner.parent)}; the "
+                "state file is unchanged.",
                 path=self.path,
                 step="create sidecar owner file",
                 errno=exc.errno,
@@ -954,10 +954,14 @@ class PipelineState:
                 record, created_dir=self.sidecar_dir, durable=self.durability == "full"
             )
         except (OSError, ValueError, TypeError) as exc:
+            cause = (
+                explain(exc, self.sidecar_dir)
+                if isinstance(exc, OSError)
+                else getattr(exc, "strerror", None) or exc
+            )
             warnings.warn(
-                f"could not append to the transaction log {self.log_path} "
-                f"({getattr(exc, 'strerror', None) or exc}); the state itself is safe, and the "
-                "next transaction records what is missing.",
+                f"could not append to the transaction log {self.log_path} ({cause}); the "
+                "state itself is safe, and the next transaction records what is missing.",
                 StateWarning,
                 stacklevel=5,
             )
