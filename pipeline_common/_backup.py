@@ -407,10 +407,11 @@ class BackupManager:
             with contextlib.suppress(FileNotFoundError):  # gone already: the goal
                 _fs.unlink(os.path.join(self.backups_dir, name))
         kept = names[cut:]
-        # Narrow all when the state's mode is new to this object, or when a recent
-        # backup is wider than the state (its mode was narrowed since they were made).
+        # Narrow all when the state's mode is new to this object, or when the backup
+        # before the newest is wider than the state (narrowed since it was made; the
+        # newest is the replaced version, which had the state's mode). One lstat.
         if state_mode is not None and (
-            state_mode != self._narrowed or self._wider(kept[-2:], state_mode)
+            state_mode != self._narrowed or self._wider(kept[-2:-1], state_mode)
         ):
             self.narrow(state_mode, kept)
         self._remember(kept)
@@ -433,7 +434,13 @@ class BackupManager:
         never the live file's inode). Returns the names changed.
         """
         changed = []
-        for name in self.names() if names is None else names:
+        if names is None:
+            names = self.names()
+        with contextlib.suppress(OSError):  # broken states kept aside hold data too
+            names = names + [
+                n for n in os.listdir(self.backups_dir) if self._corrupt_pattern.match(n)
+            ]
+        for name in names:
             path = os.path.join(self.backups_dir, name)
             try:
                 st = os.lstat(path)

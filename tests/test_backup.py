@@ -143,6 +143,31 @@ def test_commit_backups_keep_their_version_after_an_in_place_rewrite(
     assert json.loads(state.backup_manager.load(backup)) == {"v": 1}
 
 
+def test_every_kind_of_backup_keeps_its_version_after_an_in_place_rewrite(
+    state_path: Path,
+) -> None:
+    """A restore's backup of the state it replaces, a migration's, and the copy of a
+    corrupt file kept aside: each keeps its bytes when the live file is then rewritten
+    in place (each was linked just before a rename, or copied)."""
+    state = PipelineState(state_path)
+    state.write({"v": 1})
+    state.write({"v": 2})
+    first = state.list_backups()[0]
+    state.restore_backup(first)  # backs up {"v": 2}, then commits {"v": 1}
+    migrated = PipelineState(state_path, schema_version=2, migrations={1: lambda d: {**d, "m": 1}})
+    with migrated.transaction():  # backs up {"v": 1} as the migration replaces it
+        pass
+    state_path.write_text("{not json")
+    state.write({"v": 3})  # keeps the corrupt file aside, linked, then replaces it
+    corrupt = [p for p in state.backups_dir.iterdir() if p.name.endswith(".corrupt")]
+    expected = {p: p.read_bytes() for p in [*state.list_backups(100), *corrupt]}
+    assert len(corrupt) == 1
+    assert len(expected) == 5
+    with open(state_path, "w") as fh:
+        fh.write('{"v": "edited in place"}')
+    assert {p: p.read_bytes() for p in expected} == expected
+
+
 def test_new_backups_follow_the_states_mode_and_older_ones_are_narrowed(
     state: PipelineState, umask: Any
 ) -> None:
@@ -165,6 +190,19 @@ def test_new_backups_follow_the_states_mode_and_older_ones_are_narrowed(
     os.chmod(state.path, 0o400)
     PipelineState(state.path, compress_backups=True).write({"n": 11})
     assert {os.stat(p).st_mode & 0o777 for p in state.list_backups(100)} == {0o400}
+
+
+def test_a_corrupt_state_kept_aside_is_narrowed_too(state: PipelineState, umask: Any) -> None:
+    """The ``.json.corrupt`` copy of a broken state holds data as well: narrowed alike."""
+    umask(0o022)
+    state.write({"n": 1})
+    state.path.write_text("{broken")
+    state.write({"n": 2})
+    (corrupt,) = [p for p in state.backups_dir.iterdir() if p.name.endswith(".corrupt")]
+    assert os.stat(corrupt).st_mode & 0o777 == 0o644
+    os.chmod(state.path, 0o600)
+    state.write({"n": 3})
+    assert os.stat(corrupt).st_mode & 0o777 == 0o600
 
 
 def test_narrowing_also_reaches_backups_made_by_another_process(
