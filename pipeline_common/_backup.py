@@ -16,6 +16,7 @@ clock steps back.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import re
@@ -80,6 +81,10 @@ class BackupManager:
         self._cache: tuple[int, int, tuple[int, ...], list[str]] | None = None
         self._cache_uses = 0
         self._narrowed: int | None = None  # the state mode the backups were narrowed to
+        # One temp name for copies (like the state's own temp file): writers hold the
+        # lock, and a crash while copying leaves at most this one orphan, removed by
+        # the next backup.
+        self._copy_tmp = str(backups_dir / f".{state_path.name}.backup.tmp")
         stem = re.escape(state_path.stem)
         self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.(?:bak|gz)\Z")
         # The same, over a whole listing joined by newlines (which names cannot hold):
@@ -234,6 +239,9 @@ class BackupManager:
             return None  # (given ``current``, the caller has just read the file, locked)
         existing = self._current_names()
         self._changing()  # remembered again after the prune
+        if os.path.lexists(self._copy_tmp):  # a crash while copying left it
+            with contextlib.suppress(FileNotFoundError):
+                _fs.unlink(self._copy_tmp)
         # Crashes in a row each leave one backup beyond the window (a crash lands before
         # the pruning step): drop those first, so they never pile up. The window itself
         # is pruned only after the commit.
@@ -253,11 +261,11 @@ class BackupManager:
                 else:
                     try:
                         _fs.link(str(self.state_path), str(target))
-                    except PermissionError:
+                    except PermissionError as exc:
                         # EPERM: the kernel refuses to link another user's file
                         # (fs.protected_hardlinks); a copy of the bytes read under the
-                        # lock is the same backup.
-                        if current is None:
+                        # lock is the same backup. (EACCES: the folder is not writable.)
+                        if current is None or exc.errno != errno.EPERM:
                             raise
                         self._write_copy(target, current, None, compress=False)
                 if not corrupt:
@@ -328,7 +336,7 @@ class BackupManager:
             data = gzip.compress(data, compresslevel=1)
         if mode is None:
             mode = stat.S_IMODE(os.stat(self.state_path).st_mode)
-        tmp = str(target.with_name(f".{target.name}.tmp"))
+        tmp = self._copy_tmp
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         try:
             fd = _fs.open_file(tmp, flags, 0o600)

@@ -21,7 +21,6 @@ what it learned under the lock last time (the backups listing) still holds.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -135,10 +134,9 @@ def _open_lock_file(path: str, mode: int) -> int:
     try:
         fd = _fs.open_file(path, os.O_RDWR | flags, mode)
     except OSError as exc:
-        if exc.errno not in PERMISSION and exc.errno != errno.EROFS:
+        if exc.errno not in PERMISSION:
             raise _open_error(path, exc) from exc
-        # Another user's lock file we may only read, or a read-only file system:
-        # flock works on a read-only descriptor.
+        # Another user's lock file we may only read: flock works on a read-only fd.
         try:
             fd = _fs.open_file(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
