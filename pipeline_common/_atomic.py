@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import _fs
+from ._oserror import ADVISED, explain
 from .errors import StateDurabilityError, StateError, StateWriteError
 
 __all__ = ["Committed", "atomic_replace", "temp_path_for"]
@@ -35,6 +36,14 @@ def temp_path_for(target: Path) -> Path:
 
 
 def _fail(step: str, target: Path, exc: OSError) -> StateWriteError:
+    if exc.errno in ADVISED:
+        return StateWriteError(
+            f"could not commit {target}: {step} failed: {explain(exc, target.parent)}. The "
+            "state file is unchanged.",
+            path=target,
+            step=step,
+            errno=exc.errno,
+        )
     return StateWriteError(
         f"could not commit {target}: {step} failed ({exc.strerror or exc}); the state file "
         "is unchanged. Fix the cause (disk space, permissions, a read-only file system) "

@@ -1,15 +1,22 @@
 """Rotating backups of every replaced state version.
 
-A backup is a hard link to the replaced version's inode, made before the state is
-replaced: no data is copied (8 microseconds at any size, against 28 ms to copy 10 MB),
-and since a commit never writes into the state file in place, that inode is never
-changed again. Names carry a timestamp that only moves forward, so name order is
-creation order even when the clock steps back.
+A commit's backup is a hard link to the replaced version's inode, made just before
+the commit renames the new version over it: no data is copied (8 microseconds at any
+size, against 28 ms to copy 10 MB), and once the rename has happened no name but the
+backup's leads to that inode, so nothing writes into it again. Anywhere else (a
+backup made on request, while the state stays in place) a link would share the live
+inode, which a program that rewrites the file in place (``open(path, "w")``) would
+change too: those backups are independent copies. Every backup gets the state's
+current permission bits, and older backups are narrowed to them after each commit,
+so tightening the state's mode leaves no wider copy of its data behind. Names carry
+a timestamp that only moves forward, so name order is creation order even when the
+clock steps back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import re
@@ -24,6 +31,8 @@ from typing import TYPE_CHECKING
 
 from . import _fs, _json
 from ._lock import ProcessLock
+from ._oserror import ADVISED, explain
+from ._sidecar import check_folders
 from .errors import StateBackupError, StateWriteError
 
 if TYPE_CHECKING:
@@ -60,6 +69,11 @@ class BackupManager:
         self.durable = durable
         self._listed: list[str] | None = None
         self._lock = lock
+        self._narrowed: int | None = None  # the state mode the backups were narrowed to
+        # One temp name for copies (like the state's own temp file): writers hold the
+        # lock, and a crash while copying leaves at most this one orphan, removed by
+        # the next backup.
+        self._copy_tmp = str(backups_dir / f".{state_path.name}.backup.tmp")
         stem = re.escape(state_path.stem)
         self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.(?:bak|gz)\Z")
         # The same, over a whole listing joined by newlines (which names cannot hold):
@@ -77,7 +91,9 @@ class BackupManager:
             StateLockError: the lock was not obtained in time.
         """
         with self._locked("create_backup") as txn:
-            backup = self.link_current()
+            # A copy, never a link: the state stays in place, and a program that
+            # rewrites it in place would change a linked backup with it.
+            backup = self.link_current(copy=True)
             if backup is not None:
                 self.sync()
             if backup is None:
@@ -88,11 +104,16 @@ class BackupManager:
             txn_details = getattr(txn, "details", None)
             if isinstance(txn_details, dict):
                 txn_details["backup"] = backup.name
-            self.prune()
+            self.prune(self._state_mode())
             return backup
 
     def names(self) -> list[str]:
-        """Backup file names, oldest first (name order is creation order)."""
+        """Backup file names, oldest first (name order is creation order).
+
+        Raises:
+            StateSidecarError: the backups folder or its parent is a symlink or a file.
+        """
+        check_folders((self.backups_dir.parent, self.backups_dir))
         try:
             entries = os.listdir(self.backups_dir)
         except FileNotFoundError:
@@ -137,24 +158,37 @@ class BackupManager:
         data = backup.read_bytes()
         return gzip.decompress(data) if backup.name.endswith(".gz") else data
 
-    def link_current(self, *, corrupt: bool = False, current: bytes | None = None) -> Path | None:
-        """Hard-link the current state file into the backups folder.
+    def link_current(
+        self, *, corrupt: bool = False, current: bytes | None = None, copy: bool = False
+    ) -> Path | None:
+        """Back up the current state file: a hard link, or a copy with ``copy=True``.
 
-        Called under the lock, before the state is replaced; :meth:`sync` must follow
-        before the replace. Returns None when there is no state file. ``corrupt=True``
-        keeps an unparseable state aside under a ``.json.corrupt`` name, outside the
-        rotation, so a full replacement of a broken file loses nothing.
+        Called under the lock. A link is only right just before the commit replaces
+        the state by a rename (after which the linked inode cannot change); anything
+        else passes ``copy=True``. :meth:`sync` must follow before the replace.
+        Returns None when there is no state file. ``corrupt=True`` keeps an
+        unparseable state aside under a ``.json.corrupt`` name, outside the rotation,
+        so a full replacement of a broken file loses nothing.
 
         Raises:
-            StateWriteError: the link failed; nothing was replaced.
+            StateWriteError: the link or copy failed; nothing was replaced.
         """
         self._listed = None
-        if current is None and not os.path.lexists(self.state_path):
+        mode: int | None = None
+        if copy:
+            read = self._read_state()
+            if read is None:
+                return None
+            current, mode = read
+        elif current is None and not os.path.lexists(self.state_path):
             return None  # (given ``current``, the caller has just read the file, locked)
         # Listed afresh at every commit: no remembered listing is trusted across lock
         # holds, since nothing cheap proves that no program changed the folder since
         # (its mtime and ctime can stay the same within one timestamp tick).
         existing = self.names()
+        if os.path.lexists(self._copy_tmp):  # a crash while copying left it
+            with contextlib.suppress(FileNotFoundError):
+                _fs.unlink(self._copy_tmp)
         # Crashes in a row each leave one backup beyond the window (a crash lands before
         # the pruning step): drop those first, so they never pile up. The window itself
         # is pruned only after the commit.
@@ -169,10 +203,18 @@ class BackupManager:
             name = self._next_name(existing, suffix)
             target = self.backups_dir / name
             try:
-                if compress:
-                    self._write_compressed(target, current)
+                if compress or copy:
+                    self._write_copy(target, current, mode, compress=compress)
                 else:
-                    _fs.link(str(self.state_path), str(target))
+                    try:
+                        _fs.link(str(self.state_path), str(target))
+                    except PermissionError as exc:
+                        # EPERM: the kernel refuses to link another user's file
+                        # (fs.protected_hardlinks); a copy of the bytes read under the
+                        # lock is the same backup. (EACCES: the folder is not writable.)
+                        if current is None or exc.errno != errno.EPERM:
+                            raise
+                        self._write_copy(target, current, None, compress=False)
                 if not corrupt:
                     self._listed = [*existing, name]
                 return target
@@ -181,9 +223,13 @@ class BackupManager:
             except OSError as exc:
                 raise StateWriteError(
                     f"could not back up {self.state_path} into {self.backups_dir}: "
-                    f"link failed ({exc.strerror or exc}); the state file is unchanged. "
-                    "Backups need a file system with hard links; fix the cause or pass "
-                    "backup_before_write=False.",
+                    f"{explain(exc, self.backups_dir)}; the state file is unchanged."
+                    + (
+                        ""
+                        if exc.errno in ADVISED
+                        else " Backups need a file system with hard links; fix the cause or "
+                        "pass backup_before_write=False."
+                    ),
                     path=self.state_path,
                     step="link backup",
                     errno=exc.errno,
@@ -196,18 +242,53 @@ class BackupManager:
             step="link backup",
         )
 
-    def _write_compressed(self, target: Path, current: bytes | None) -> None:
+    def _read_state(self) -> tuple[bytes, int] | None:
+        """The state file's bytes and permission bits, from one open; None if absent.
+
+        Raises:
+            StateWriteError: the file cannot be read (nothing was backed up).
+        """
+        try:
+            fd = os.open(self.state_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateWriteError(
+                f"could not back up {self.state_path}: reading it failed "
+                f"({explain(exc, self.state_path.parent)}); nothing was backed up.",
+                path=self.state_path,
+                step="read state for backup",
+                errno=exc.errno,
+            ) from exc
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return fh.read(), mode
+        finally:
+            os.close(fd)
+
+    def _state_mode(self) -> int | None:
+        try:
+            return stat.S_IMODE(os.stat(self.state_path).st_mode)
+        except OSError:
+            return None
+
+    def _write_copy(
+        self, target: Path, current: bytes | None, mode: int | None, *, compress: bool
+    ) -> None:
         # Complete and fsynced under a temp name, then linked to the final name, which
         # fails rather than overwrite an existing backup. The temp never outlives this.
-        data = gzip.compress(
-            current if current is not None else self.state_path.read_bytes(), compresslevel=1
-        )
-        tmp = str(target.with_name(f".{target.name}.tmp"))
+        data = current if current is not None else self.state_path.read_bytes()
+        if compress:
+            data = gzip.compress(data, compresslevel=1)
+        if mode is None:
+            mode = stat.S_IMODE(os.stat(self.state_path).st_mode)
+        tmp = self._copy_tmp
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         try:
             fd = _fs.open_file(tmp, flags, 0o600)
             try:
-                _fs.fchmod(fd, stat.S_IMODE(os.stat(self.state_path).st_mode), tmp)
+                _fs.fchmod(fd, mode, tmp)
                 _fs.write_all(fd, data, tmp)
                 if self.durable:
                     _fs.fsync(fd, tmp)
@@ -217,10 +298,10 @@ class BackupManager:
             with contextlib.suppress(OSError):
                 _fs.unlink(tmp)
             raise StateWriteError(
-                f"could not back up {self.state_path}: writing the compressed backup "
-                f"{tmp} failed ({exc.strerror or exc}); the state file is unchanged.",
+                f"could not back up {self.state_path}: writing the backup "
+                f"{tmp} failed ({explain(exc, self.backups_dir)}); the state file is unchanged.",
                 path=self.state_path,
-                step="write compressed backup",
+                step="write compressed backup" if compress else "write backup copy",
                 errno=exc.errno,
             ) from exc
         except BaseException:
@@ -263,10 +344,12 @@ class BackupManager:
         with contextlib.suppress(OSError):
             _fs.unlink(str(backup))
 
-    def prune(self) -> list[str]:
+    def prune(self, state_mode: int | None = None) -> list[str]:
         """Delete the oldest backups beyond ``max_backups``; return the names removed.
 
         Runs after the commit, so a crash here only leaves one backup too many.
+        ``state_mode`` (the committed state's permission bits) narrows the backups
+        kept to it, once per mode per process: see :meth:`narrow`.
         """
         # The listing made for the link just before is still right (we hold the lock).
         names, self._listed = (self._listed or self.names()), None
@@ -276,7 +359,50 @@ class BackupManager:
         for name in excess:
             with contextlib.suppress(FileNotFoundError):  # gone already: the goal
                 _fs.unlink(os.path.join(self.backups_dir, name))
+        kept = names[cut:]
+        # Narrow all when the state's mode is new to this object, or when the backup
+        # before the newest is wider than the state (narrowed since it was made; the
+        # newest is the replaced version, which had the state's mode). One lstat.
+        if state_mode is not None and (
+            state_mode != self._narrowed or self._wider(kept[-2:-1], state_mode)
+        ):
+            self.narrow(state_mode, kept)
         return excess
+
+    def _wider(self, names: list[str], state_mode: int) -> bool:
+        for name in names:
+            with contextlib.suppress(OSError):
+                if os.lstat(os.path.join(self.backups_dir, name)).st_mode & 0o7777 & ~state_mode:
+                    return True
+        return False
+
+    def narrow(self, state_mode: int, names: list[str] | None = None) -> list[str]:
+        """Take from each backup every permission bit the state does not have.
+
+        A backup holds the data of the state, so it should be no more readable than
+        the state is now: after ``chmod 600 pipeline.json``, the next commit narrows
+        the older backups (made while it was 0644) to 0600. Bits are only removed,
+        never added. Runs under the lock, after the commit's rename (a backup is then
+        never the live file's inode). Returns the names changed.
+        """
+        changed = []
+        if names is None:
+            names = self.names()
+        with contextlib.suppress(OSError):  # broken states kept aside hold data too
+            names = names + [
+                n for n in os.listdir(self.backups_dir) if self._corrupt_pattern.match(n)
+            ]
+        for name in names:
+            path = os.path.join(self.backups_dir, name)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & ~state_mode:
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & state_mode)
+                    changed.append(name)
+            except OSError:
+                continue  # gone, or not ours to change (another user's backup)
+        self._narrowed = state_mode
+        return changed
 
     def check(self, backup_path: str | os.PathLike[str]) -> Path:
         """Return ``backup_path`` as a path inside the backups folder, or raise.
@@ -295,6 +421,7 @@ class BackupManager:
                 "; repair the file by hand or move it away to start over",
                 path=self.state_path,
             )
+        check_folders((self.backups_dir.parent, self.backups_dir))
         given = Path(os.fspath(backup_path))
         candidate = (
             given if given.is_absolute() or len(given.parts) > 1 else self.backups_dir / given

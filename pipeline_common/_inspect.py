@@ -2,6 +2,12 @@
 
 These read the whole log, so they are for people and tools (a REPL, the CLI), not
 for the commit path. ``state.py`` exposes them as methods.
+
+They run while writers commit, without the lock, so each reads in an order that keeps
+its answer true: the backups are listed before the log is read (a listed backup's
+version was logged before the backup was made), a backup pruned between the listing
+and the reading is taken as gone, and :func:`verify` looks again holding the lock
+before it reports a problem that a commit in flight could explain.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ import contextlib
 import hashlib
 import os
 import stat
+import zlib
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 from . import _fs, _json, _log
 from ._atomic import temp_path_for
 from ._history import BackupInfo, Check, RepairReport, VerifyReport
-from .errors import StateBackupError, StateError, StateValidationError
+from .errors import (
+    StateBackupError,
+    StateError,
+    StateLockError,
+    StateSidecarError,
+    StateValidationError,
+)
 
 if TYPE_CHECKING:
     from .state import PipelineState
@@ -48,7 +62,10 @@ def backup_infos(state: PipelineState, limit: int | None = None) -> list[BackupI
 
     A backup named in a commit record of generation g holds generation g - 1 (the
     version that commit replaced); failing that, its content hash is looked up.
+    The folder is listed before the log is read, so the version each listed backup
+    holds is in the records read (it was logged before the backup was made).
     """
+    paths = state.backup_manager.list_paths(limit)
     records = _records(state)
     by_generation = {
         r.get("generation", 0): r for r in records if r.get("success") and r.get("sha256")
@@ -60,7 +77,7 @@ def backup_infos(state: PipelineState, limit: int | None = None) -> list[BackupI
         if isinstance(r.get("details"), dict) and isinstance(r["details"].get("backup"), str)
     }
     out = []
-    for path in state.backup_manager.list_paths(limit):
+    for path in paths:
         try:
             size = path.stat().st_size
         except OSError:
@@ -72,11 +89,15 @@ def backup_infos(state: PipelineState, limit: int | None = None) -> list[BackupI
             generation = maker["generation"] - (1 if maker.get("sha256") else 0)
         source = by_generation.get(generation) if generation is not None else None
         if source is None:
-            with contextlib.suppress(OSError, ValueError, EOFError):
+            try:
                 digest = hashlib.sha256(state.backup_manager.load(path)).hexdigest()
-                source = by_sha.get(digest)
-                if source is not None:
-                    generation = source.get("generation")
+            except FileNotFoundError:
+                continue  # pruned since it was listed: gone, so not shown
+            except (OSError, EOFError, zlib.error):
+                digest = ""  # unreadable: shown, with the generation unknown
+            source = by_sha.get(digest)
+            if source is not None:
+                generation = source.get("generation")
         out.append(
             BackupInfo(
                 path=path,
@@ -96,13 +117,21 @@ def content_at(state: PipelineState, generation: int) -> dict[str, Any]:
     Raises:
         StateBackupError: no backup holds that generation (pruned, or never backed up).
     """
-    data, version = state.read_versioned()
-    if generation == version:
-        return data
-    for info in backup_infos(state):
-        if info.generation == generation:
-            return _json.decode(state.backup_manager.load(info.path))
-    held = sorted({i.generation for i in backup_infos(state) if i.generation is not None})
+    for _ in range(3):  # writers may commit and prune meanwhile: look again, twice at most
+        data, version = state.read_versioned()
+        if generation == version:
+            return data
+        infos = backup_infos(state)
+        for info in infos:
+            if info.generation == generation:
+                try:
+                    return _json.decode(state.backup_manager.load(info.path))
+                except FileNotFoundError:
+                    break  # pruned since it was listed: look again
+        else:
+            if generation < version:
+                break  # not in the backups listed after that version: pruned or never made
+    held = sorted({i.generation for i in infos if i.generation is not None})
     raise StateBackupError(
         f"no backup of {state.path} holds generation {generation} (the current one is "
         f"{version}; backups hold {held or 'none'}): it was pruned or never backed up",
@@ -129,9 +158,72 @@ def resolve(state: PipelineState, ref: Any) -> dict[str, Any]:
     )
 
 
+_LOCK_FREE_PASSES = 3  # before verify takes the lock for a pass that writers wait on
+
+
 def verify(state: PipelineState) -> VerifyReport:
-    """Check the state, the log, the backups, stray files and the lock file."""
+    """Check the state, the log, the backups, stray files and the lock file.
+
+    The first passes take no lock. Writers may move things between their reads (a
+    state replaced before its log record is appended, a backup linked before the
+    prune, a temp file being written), which can only add false problems: a healthy
+    pass is the answer. When every lock-free pass found a problem, one more pass runs
+    holding the lock, when no commit of this library is in flight, and only what it
+    finds is reported (writers wait for that one pass). Without the lock (held by a
+    writer longer than ``state.timeout``, or a lock file this user cannot open) the
+    last lock-free pass's findings are reported as they are.
+    """
+    for _ in range(_LOCK_FREE_PASSES):
+        report = _verify_pass(state)
+        if report:  # a race only adds false problems, so a healthy pass is true
+            return report
+    with _quiet(state) as quiet:
+        if quiet:
+            return _verify_pass(state)
+    return report
+
+
+@contextlib.contextmanager
+def _quiet(state: PipelineState) -> Iterator[bool]:
+    """Hold the state's lock for the block, if it can be had; yield whether it is held."""
+    lock = state._lock
+    if lock.held_by_current_thread():  # inside a transaction of this thread: nothing moves
+        yield True
+        return
+    if not os.path.exists(state.lock_path):  # never committed: nothing can be in flight
+        yield False
+        return
+    try:
+        lock.acquire(state.timeout, "verify", state.path)
+    except (StateLockError, StateSidecarError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def _guarded(name: str, check: Callable[[], Check]) -> Check:
+    """``check()``, or a failed check saying why it could not run (never a raw OSError)."""
+    try:
+        return check()
+    except OSError as exc:
+        return _failed(name, exc)
+
+
+def _failed(name: str, exc: OSError) -> Check:
+    where = f" {exc.filename}" if exc.filename else ""
+    return Check(name, False, f"cannot read{where}: {exc.strerror or exc}")
+
+
+def _verify_pass(state: PipelineState) -> VerifyReport:
     checks: list[Check] = []
+    # Backups first: every version a listed backup holds is then in the log read after.
+    try:
+        backups: list[Path] | OSError = state.backup_manager.list_paths(None)
+    except OSError as exc:
+        backups = exc
     raw = None
     try:
         raw = state._read_bytes()
@@ -150,7 +242,11 @@ def verify(state: PipelineState) -> VerifyReport:
     except StateError as exc:
         checks.append(Check("state parses", False, str(exc)))
 
-    lines, torn = _log.read_log(state.log_path)
+    log_error: OSError | None = None
+    try:
+        lines, torn = _log.read_log(state.log_path)
+    except OSError as exc:
+        log_error, lines, torn = exc, [], b""
     records = [r for r in (_log.parse_line(x) for x in lines) if r is not None]
     commits = [r for r in records if r.get("success") and r.get("sha256")]
     if raw is not None:
@@ -172,12 +268,20 @@ def verify(state: PipelineState) -> VerifyReport:
                 Check("state matches log", True, f"generation {commits[-1]['generation']}")
             )
 
-    checks.append(_check_chain(lines, torn, state._log.damaged_path))
+    if log_error is not None:
+        checks.append(_failed("log chain intact", log_error))
+    else:
+        checks.append(_check_chain(lines, torn, state._log.damaged_path))
     if any("fence" in r for r in commits):
         checks.append(_check_fences(commits))
-    checks.append(_check_backups(state, commits))
-    checks.append(_check_debris(state))
-    checks.append(_check_lock_file(state))
+    name = "backups parse and match commits"
+    if isinstance(backups, OSError):
+        checks.append(_failed(name, backups))
+    else:
+        listed = backups
+        checks.append(_guarded(name, lambda: _check_backups(state, commits, listed)))
+    checks.append(_guarded("no orphan temp files", lambda: _check_debris(state)))
+    checks.append(_guarded("lock file sane", lambda: _check_lock_file(state)))
     return VerifyReport(state.path, tuple(checks))
 
 
@@ -240,20 +344,30 @@ def _check_fences(commits: list[dict[str, Any]]) -> Check:
     return Check("fencing tokens grow", True, f"newest token {newest}")
 
 
-def _check_backups(state: PipelineState, commits: list[dict[str, Any]]) -> Check:
+def _check_backups(
+    state: PipelineState, commits: list[dict[str, Any]], listed: list[Path]
+) -> Check:
     known_sha = {r["sha256"] for r in commits}
     known_ino = {r["stat"][0] for r in commits if isinstance(r.get("stat"), list) and r["stat"]}
     problems = []
-    paths = state.backup_manager.list_paths(None)
-    for path in paths:
+    paths = []
+    for path in listed:
         try:
             data = state.backup_manager.load(path)
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            continue  # pruned since the listing: gone is no problem
+        except (OSError, EOFError, zlib.error) as exc:
+            problems.append(f"{path.name} is unreadable or corrupt ({exc})")
+            paths.append(path)
+            continue
+        paths.append(path)
+        try:
             _json.decode(data)
-        except (OSError, ValueError, EOFError) as exc:
+        except _json.DecodeError as exc:
             problems.append(f"{path.name} is unreadable or corrupt ({exc})")
             continue
         if commits and hashlib.sha256(data).hexdigest() not in known_sha:
-            ino = path.stat().st_ino
             detail = "changed after it was made" if ino in known_ino else "matches no commit"
             problems.append(f"{path.name} {detail}")
     if len(paths) > state.max_backups:
@@ -269,7 +383,7 @@ def _debris(state: PipelineState) -> list[Path]:
     if os.path.lexists(tmp):
         found.append(tmp)
     with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(state.backups_dir):
+        for name in os.listdir(state.backups_dir):  # (other OSErrors: verify reports them)
             if name.startswith(".") and name.endswith(".tmp"):
                 found.append(state.backups_dir / name)
     return found

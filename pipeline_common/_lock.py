@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from . import _fs
+from ._oserror import ADVISED, PERMISSION, explain
 from ._time import now_iso
 from .errors import StateLockError, StateSidecarError
 
@@ -122,22 +123,38 @@ class _Waiter:
             return True
 
 
+def _open_error(path: str, exc: OSError) -> StateSidecarError:
+    if exc.errno in ADVISED:
+        # Nothing is wrong with the file: never advise removing it.
+        return StateSidecarError(
+            f"cannot open the lock file {path}: {explain(exc, os.path.dirname(path))}. "
+            "Nothing was changed.",
+            path=path,
+        )
+    return StateSidecarError(
+        f"cannot open the lock file {path}: {exc.strerror or exc}. It must be a regular file "
+        "this user can open (a lock file holds no data: whatever is at that path can "
+        "be removed when no pipeline runs)",
+        path=path,
+    )
+
+
 def _open_lock_file(path: str, mode: int) -> int:
     # O_NONBLOCK: a FIFO planted at the path must not hang the open; it is refused below.
     flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        try:
-            fd = _fs.open_file(path, os.O_RDWR | flags, mode)
-        except PermissionError:
-            # Another user's lock file we may only read: flock works on a read-only fd.
-            fd = _fs.open_file(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = _fs.open_file(path, os.O_RDWR | flags, mode)
     except OSError as exc:
-        raise StateSidecarError(
-            f"cannot open the lock file {path}: {exc.strerror}. It must be a regular file "
-            "this user can open (a lock file holds no data: whatever is at that path can "
-            "be removed when no pipeline runs)",
-            path=path,
-        ) from exc
+        if exc.errno not in PERMISSION:
+            raise _open_error(path, exc) from exc
+        # Another user's lock file we may only read: flock works on a read-only fd.
+        try:
+            fd = _fs.open_file(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            # It could not be created: the first error is the cause, not this one.
+            raise _open_error(path, exc) from exc
+        except OSError as again:
+            raise _open_error(path, again) from again
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise StateSidecarError(

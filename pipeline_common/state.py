@@ -37,7 +37,7 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import _check, _diff, _fs, _inspect, _interrupt, _json
+from . import _check, _diff, _fs, _inspect, _interrupt, _json, _sidecar
 from ._async import AsyncTransaction, async_active
 from ._atomic import atomic_replace
 from ._backup import BackupManager
@@ -46,6 +46,7 @@ from ._digest import Digest
 from ._history import BackupInfo, HistoryRecord, LockInfo, RepairReport, VerifyReport
 from ._lock import ProcessLock, get_process_lock, read_holder
 from ._log import Tail, TransactionLog
+from ._oserror import explain
 from ._redis_lock import CrossHostLock, RedisLock, local_lock_path, resolve_lock
 from ._time import now_iso
 from ._transaction import StateTransaction, _Current
@@ -273,7 +274,7 @@ class PipelineState:
     def list_backups(self, limit: int | None = 10) -> list[Path]:
         """Return up to ``limit`` backups, newest first."""
         _check.check_int("limit", limit, optional=True)
-        return self.backup_manager.list_paths(limit)
+        return self.backup_manager.list_paths(limit)  # refuses symlinked sidecars
 
     @overload
     def restore_backup(
@@ -340,8 +341,12 @@ class PipelineState:
 
         Each has ``seq``, ``timestamp`` (ISO 8601, UTC), ``operation``, ``success``,
         ``details``, ``generation`` and, for commits, ``sha256`` of the committed bytes.
+
+        Raises:
+            StateSidecarError: the log is unreadable, or a sidecar folder is a symlink.
         """
         _check.check_int("limit", limit, optional=True)
+        self._check_sidecars()
         try:
             return self._log.read(limit)
         except OSError as exc:
@@ -356,6 +361,7 @@ class PipelineState:
     @property
     def version(self) -> int:
         """The generation of the current state: commits so far (0 before the first)."""
+        self._check_sidecars()
         return self._tail().generation
 
     def read_versioned(self, *, wait: float = 1.0) -> tuple[dict[str, Any], int]:
@@ -368,6 +374,7 @@ class PipelineState:
         """
         _check.check_seconds("wait", wait)
         deadline = time.monotonic() + wait
+        self._check_sidecars()
         while True:
             raw, st = self._read_file()
             tail = self._tail()
@@ -390,6 +397,7 @@ class PipelineState:
     def backups(self, limit: int | None = None) -> list[BackupInfo]:
         """Backups newest first, as :class:`BackupInfo` (generation, created, size, operation)."""
         _check.check_int("limit", limit, optional=True)
+        self._check_sidecars()
         return _inspect.backup_infos(self, limit)
 
     def at(self, generation: int) -> dict[str, Any]:
@@ -399,17 +407,24 @@ class PipelineState:
             StateBackupError: no backup holds that generation any more.
         """
         _check.check_int("generation", generation)
+        self._check_sidecars()
         return _inspect.content_at(self, generation)
 
     def diff(self, a: Any, b: Any = "current") -> Diff:
         """Changes from ``a`` to ``b``; each is "current", a generation, a backup or a dict."""
+        self._check_sidecars()
         return _diff.diff(_inspect.resolve(self, a), _inspect.resolve(self, b))
 
     def verify(self) -> VerifyReport:
         """Check the state, the log's hash chain, the backups, stray temps and the lock file.
 
         The report is truthy when healthy; its repr lists every check.
+
+        Raises:
+            StateSidecarError: a sidecar folder is a symlink (or a file): nothing is
+                read through it.
         """
+        self._check_sidecars()
         return _inspect.verify(self)
 
     def repair(self) -> RepairReport:
@@ -459,6 +474,7 @@ class PipelineState:
         _check.check_seconds("interval", interval, positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[int, int] | None = None
+        self._check_sidecars()
         while True:
             try:
                 st = os.stat(self.log_path)
@@ -573,6 +589,11 @@ class PipelineState:
         generator, so its with statement's frame is the caller's: see _active_transaction)."""
         return StateTransaction(self, operation=operation, _commit=False)
 
+    def _check_sidecars(self) -> None:
+        """Refuse to read through a sidecar folder that is a symlink (or a file), with
+        the error a writer gets; see :mod:`pipeline_common._sidecar`."""
+        _sidecar.check_folders((self.sidecar_dir, self.backups_dir))
+
     def _prepare_sidecars(self) -> None:
         """Create ``.<stem>/`` and ``backups/`` if needed; refuse symlinked ones."""
         for folder in (self.sidecar_dir, self.backups_dir):
@@ -588,8 +609,7 @@ class PipelineState:
                 except OSError as exc:
                     raise StateWriteError(
                         f"cannot create the sidecar folder {folder} for {self.path}: "
-                        f"{exc.strerror}; the state file is unchanged. Check the folder's "
-                        "permissions and free space.",
+                        f"{explain(exc, folder.parent)}; the state file is unchanged.",
                         path=self.path,
                         step="create sidecar folder",
                         errno=exc.errno,
@@ -597,12 +617,7 @@ class PipelineState:
                 else:
                     continue
             if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-                raise StateSidecarError(
-                    f"{folder} must be a real folder, but it is a "
-                    f"{'symlink' if stat.S_ISLNK(st.st_mode) else 'file'}; pipeline_common "
-                    "refuses to follow it. Move it away and run again.",
-                    path=folder,
-                )
+                raise _sidecar.refused(folder, st)
         if self._owner_checked != os.getpid():
             self._check_owner()
             self._owner_checked = os.getpid()
@@ -656,8 +671,8 @@ class PipelineState:
                 _fs.fsync_dir(str(self.sidecar_dir))
         except OSError as exc:
             raise StateWriteError(
-                f"cannot create {owner} for {self.path}: {exc.strerror}; the state file is "
-                "unchanged.",
+                f"cannot create {owner} for {self.path}: {explain(exc, owner.parent)}; the "
+                "state file is unchanged.",
                 path=self.path,
                 step="create sidecar owner file",
                 errno=exc.errno,
@@ -969,7 +984,7 @@ class PipelineState:
         txn._notify = (generation, txn.operation, changes)
         if backup is not None:
             try:
-                self.backup_manager.prune()
+                self.backup_manager.prune(current.mode)
             except Exception as exc:  # noqa: BLE001 - committed already: never raise now
                 warnings.warn(
                     f"{self.path} was committed, but pruning old backups in {self.backups_dir} "
@@ -1064,10 +1079,14 @@ class PipelineState:
                 record, created_dir=self.sidecar_dir, durable=self.durability == "full"
             )
         except (OSError, ValueError, TypeError) as exc:
+            cause = (
+                explain(exc, self.sidecar_dir)
+                if isinstance(exc, OSError)
+                else getattr(exc, "strerror", None) or exc
+            )
             warnings.warn(
-                f"could not append to the transaction log {self.log_path} "
-                f"({getattr(exc, 'strerror', None) or exc}); the state itself is safe, and the "
-                "next transaction records what is missing.",
+                f"could not append to the transaction log {self.log_path} ({cause}); the "
+                "state itself is safe, and the next transaction records what is missing.",
                 StateWarning,
                 stacklevel=5,
             )

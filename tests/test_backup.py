@@ -114,6 +114,117 @@ def test_create_backup_copies_the_current_state(state: PipelineState) -> None:
     assert state.read() == {"v": 1}
 
 
+def test_create_backup_is_independent_of_an_in_place_rewrite(state: PipelineState) -> None:
+    """A manual backup is a copy: a legacy script that rewrites the state file in place
+    (``open(path, "w")``) cannot change it (a hard link would share the live inode)."""
+    state.write({"precious": "v1"})
+    path = state.backup_manager.create_backup()
+    assert os.stat(path).st_ino != os.stat(state.path).st_ino
+    with open(state.path, "w") as fh:  # the very code this library replaces
+        fh.write('{"precious": "torn by an edit')
+    assert json.loads(path.read_bytes()) == {"precious": "v1"}
+    assert state.restore_backup(path) is True
+    assert state.read() == {"precious": "v1"}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_commit_backups_keep_their_version_after_an_in_place_rewrite(
+    state_path: Path, compress: bool
+) -> None:
+    """A commit's backup (a link to the version the rename replaced, or a compressed copy)
+    keeps that version when the new live file is later rewritten in place."""
+    state = PipelineState(state_path, compress_backups=compress)
+    state.write({"v": 1})
+    state.write({"v": 2})
+    (backup,) = state.list_backups()
+    assert os.stat(backup).st_ino != os.stat(state_path).st_ino
+    with open(state_path, "w") as fh:
+        fh.write('{"v": "edited in place"}')
+    assert json.loads(state.backup_manager.load(backup)) == {"v": 1}
+
+
+def test_every_kind_of_backup_keeps_its_version_after_an_in_place_rewrite(
+    state_path: Path,
+) -> None:
+    """A restore's backup of the state it replaces, a migration's, and the copy of a
+    corrupt file kept aside: each keeps its bytes when the live file is then rewritten
+    in place (each was linked just before a rename, or copied)."""
+    state = PipelineState(state_path)
+    state.write({"v": 1})
+    state.write({"v": 2})
+    first = state.list_backups()[0]
+    state.restore_backup(first)  # backs up {"v": 2}, then commits {"v": 1}
+    migrated = PipelineState(state_path, schema_version=2, migrations={1: lambda d: {**d, "m": 1}})
+    with migrated.transaction():  # backs up {"v": 1} as the migration replaces it
+        pass
+    state_path.write_text("{not json")
+    state.write({"v": 3})  # keeps the corrupt file aside, linked, then replaces it
+    corrupt = [p for p in state.backups_dir.iterdir() if p.name.endswith(".corrupt")]
+    expected = {p: p.read_bytes() for p in [*state.list_backups(100), *corrupt]}
+    assert len(corrupt) == 1
+    assert len(expected) == 5
+    with open(state_path, "w") as fh:
+        fh.write('{"v": "edited in place"}')
+    assert {p: p.read_bytes() for p in expected} == expected
+
+
+def test_new_backups_follow_the_states_mode_and_older_ones_are_narrowed(
+    state: PipelineState, umask: Any
+) -> None:
+    """After ``chmod 600`` on the state, the next commit's backups are 0600 and the older
+    ones (made while it was 0644) are narrowed to 0600; bits are never added back."""
+    umask(0o022)
+    for n in range(4):
+        state.write({"n": n})
+    state.backup_manager.create_backup()
+    assert {os.stat(p).st_mode & 0o777 for p in state.list_backups(100)} == {0o644}
+    os.chmod(state.path, 0o600)
+    manual = state.backup_manager.create_backup()  # a copy made now follows the mode
+    assert os.stat(manual).st_mode & 0o777 == 0o600
+    state.write({"n": 9})
+    assert {os.stat(p).st_mode & 0o777 for p in state.list_backups(100)} == {0o600}
+    # A fresh object (another process) narrows too, and never widens.
+    os.chmod(state.path, 0o640)
+    PipelineState(state.path).write({"n": 10})
+    assert {os.stat(p).st_mode & 0o777 for p in state.list_backups(100)} == {0o600, 0o640}
+    os.chmod(state.path, 0o400)
+    PipelineState(state.path, compress_backups=True).write({"n": 11})
+    assert {os.stat(p).st_mode & 0o777 for p in state.list_backups(100)} == {0o400}
+
+
+def test_a_corrupt_state_kept_aside_is_narrowed_too(state: PipelineState, umask: Any) -> None:
+    """The ``.json.corrupt`` copy of a broken state holds data as well: narrowed alike."""
+    umask(0o022)
+    state.write({"n": 1})
+    state.path.write_text("{broken")
+    state.write({"n": 2})
+    (corrupt,) = [p for p in state.backups_dir.iterdir() if p.name.endswith(".corrupt")]
+    assert os.stat(corrupt).st_mode & 0o777 == 0o644
+    os.chmod(state.path, 0o600)
+    state.write({"n": 3})
+    assert os.stat(corrupt).st_mode & 0o777 == 0o600
+
+
+def test_narrowing_also_reaches_backups_made_by_another_process(
+    state: PipelineState, run_child: Any
+) -> None:
+    """The state narrowed after another process's backups were made: this process's
+    next commit narrows them, though it had narrowed to this very mode before."""
+    state.write({"n": 0})
+    os.chmod(state.path, 0o600)
+    state.write({"n": 1})  # narrowed to 0600 in this process
+    os.chmod(state.path, 0o644)
+    result = run_child(
+        "from pipeline_common import PipelineState\n"
+        f"s = PipelineState({str(state.path)!r})\n"
+        "for n in range(3): s.write({'n': n})\n"
+    )
+    assert result.returncode == 0, result.stderr
+    os.chmod(state.path, 0o600)
+    state.write({"n": 2})
+    assert {os.stat(p).st_mode & 0o777 for p in state.list_backups(100)} == {0o600}
+
+
 def test_create_backup_without_a_state_raises(state: PipelineState) -> None:
     """create_backup() with no state file raises StateBackupError naming the file."""
     with pytest.raises(StateBackupError) as info:

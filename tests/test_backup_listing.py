@@ -49,10 +49,10 @@ def folder_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "frozen":
         real = BackupManager.prune
 
-        def prune_then_freeze(self: BackupManager) -> list[str]:
+        def prune_then_freeze(self: BackupManager, state_mode: int | None = None) -> list[str]:
             st = os.stat(self.backups_dir)
             try:
-                return real(self)
+                return real(self, state_mode)
             finally:
                 os.utime(self.backups_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
 

@@ -301,16 +301,20 @@ def test_encoder_spans_match_a_scan_of_the_bytes(value: dict[str, Any]) -> None:
 
 
 def test_an_enum_member_holding_nan_is_rejected() -> None:
-    """orjson writes an Enum member as its value: a NaN value must not become null."""
+    """orjson writes an Enum member as its value: a NaN value must not become null.
+
+    A plain Enum member is refused whatever its value (it would read back as the value,
+    see tests/test_json_types.py), so a NaN inside one never reaches the file either."""
     import enum
 
     class Level(enum.Enum):
         BAD = float("nan")
         OK = 1.5
 
-    with pytest.raises(_json.EncodeError, match="NaN and Infinity"):
+    with pytest.raises(_json.EncodeError, match="Level at /level"):
         _json.encode({"level": Level.BAD, "t": None})
     big = {f"k{i}": {"v": i, "n": None} for i in range(2000)}  # past the small-document path
     with pytest.raises(_json.EncodeError):
         _json.encode({**big, "p": {"level": Level.BAD, "t": None}})
-    assert json.loads(_json.encode({"level": Level.OK, "t": None})) == {"level": 1.5, "t": None}
+    with pytest.raises(_json.EncodeError, match="Level at /level"):
+        _json.encode({"level": Level.OK, "t": None})

@@ -166,7 +166,7 @@ def test_a_failed_compressed_backup_leaves_no_temp_file(state_path: Path) -> Non
     before = state_path.read_bytes()
     for _ in range(3):
         with (
-            inject_fault("write", path=".json.gz.tmp", errno=28),
+            inject_fault("write", path=".backup.tmp", errno=28),
             pytest.raises(StateWriteError) as info,
         ):
             state.write({"n": 2})

@@ -214,3 +214,62 @@ def test_a_world_writable_lock_file_is_reported(history: PipelineState) -> None:
     """The lock file must not be world-writable: anyone could then block every writer."""
     history.lock_path.chmod(0o666)
     assert "world-writable" in failed(history.verify())["lock file sane"]
+
+
+def test_verify_waits_out_a_commit_in_flight_instead_of_reporting_it(
+    history: PipelineState,
+) -> None:
+    """A temp file seen while another thread's commit holds the lock is not an orphan:
+    verify looks again under the lock, after that commit reused it, and says healthy."""
+    import threading
+
+    from pipeline_common._atomic import temp_path_for
+
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        other = PipelineState(history.path)
+        with other.transaction(operation="slow") as txn:
+            temp_path_for(history.path).write_bytes(b'{"n": ')  # as if mid-write
+            txn.data["n"] = 99
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, release.set).start()
+    report = history.verify()  # three lock-free passes see the temp; the locked one does not
+    thread.join(10)
+    assert report, report
+    assert history.read()["n"] == 99
+
+
+def test_a_real_orphan_is_still_reported_after_the_locked_pass(history: PipelineState) -> None:
+    """With no writer at all, the problem found lock-free is confirmed and reported."""
+    from pipeline_common._atomic import temp_path_for
+
+    temp_path_for(history.path).write_bytes(b"{")
+    assert "no orphan temp files" in failed(history.verify())
+
+
+def test_a_backup_pruned_between_listing_and_reading_is_no_problem(
+    history: PipelineState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listed backup that is gone when read (pruned by a writer in between) is not
+    reported, and never raises FileNotFoundError (verify, backups)."""
+    manager = history.backup_manager
+    listed = manager.list_paths
+    gone = manager.backups_dir / "pipeline_20000101_000000_000000.json.bak"
+    monkeypatch.setattr(manager, "list_paths", lambda limit=10: [*listed(limit), gone])
+    assert history.verify(), history.verify()
+    assert gone not in [b.path for b in history.backups()]
+
+
+def test_an_unreadable_log_is_a_failed_check_not_a_raw_oserror(history: PipelineState) -> None:
+    """verify() reports what it cannot read as a failed check naming the file."""
+    history.log_path.unlink()
+    history.log_path.mkdir()  # reading it raises IsADirectoryError
+    problems = failed(history.verify())
+    assert "cannot read" in problems["log chain intact"]
+    assert str(history.log_path) in problems["log chain intact"]
