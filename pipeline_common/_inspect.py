@@ -190,7 +190,8 @@ def _quiet(state: PipelineState) -> Iterator[bool]:
     if lock.held_by_current_thread():  # inside a transaction of this thread: nothing moves
         yield True
         return
-    if not os.path.exists(state.lock_path):  # never committed: nothing can be in flight
+    # The lock's own file (this host's, under a Redis lock): absent, nothing ever committed.
+    if not os.path.exists(lock.path):  # never committed: nothing can be in flight
         yield False
         return
     try:
