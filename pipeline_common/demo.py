@@ -13,7 +13,11 @@ Run ``python -m pipeline_common.demo``. Every line of output starts with ``PASS`
 5. validation: a bad phase status is rejected and the file is untouched;
 6. lock timeout: a child holds the lock for ``"phase3: tts"``; a writer with
    ``timeout=0.3`` gets a :class:`StateLockError` naming the holder's pid, host and
-   operation.
+   operation;
+7. a pipeline resumes after ``kill -9``: a child runs a three-stage :class:`Pipeline`
+   and is killed in the middle of its second stage; another process sees the whole plan
+   with that stage still "running" under a dead owner; the next ``run()`` re-runs only
+   that stage, from its persisted progress, and records the interruption.
 
 Children are started as ``sys.executable -m pipeline_common.demo --child ...``, so the
 demo works from an installed package as well as from a checkout.
@@ -37,6 +41,8 @@ from pathlib import Path
 from typing import IO
 
 from .errors import StateError, StateLockError, StateValidationError
+from .pipeline import Pipeline, StageContext
+from .progress import ProgressTracker
 from .state import PipelineState
 
 __all__ = ["main"]
@@ -84,6 +90,47 @@ def _child_hold(path: str) -> int:
     return 0
 
 
+_TTS_ITEMS = 20
+
+
+def _demo_pipeline(path: str, effects: str, *, child: bool) -> Pipeline:
+    """Three stages; each unit of work appends a line to ``effects`` (the side effects).
+
+    In the ``child`` runner, tts announces each item and works slowly, so the parent can
+    kill it in the middle of the stage.
+    """
+    pipeline = Pipeline(path, min_interval=0, timeout=_CHILD_TIMEOUT)
+
+    def effect(line: str) -> None:
+        with open(effects, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    @pipeline.stage()
+    def extract(ctx: StageContext) -> None:
+        effect("extract")
+        ctx.record["chapters"] = _TTS_ITEMS
+
+    @pipeline.stage(requires=["extract"], weight=3)
+    def tts(ctx: StageContext) -> None:
+        for i in ctx.track(range(ctx.data["extract"]["chapters"])):
+            effect(f"tts {i}")
+            if child:
+                print(f"tts {i}", flush=True)
+                time.sleep(0.05)
+
+    @pipeline.stage(requires=["tts"])
+    def mix(ctx: StageContext) -> None:
+        effect("mix")
+
+    return pipeline
+
+
+def _child_stages(path: str, effects: str) -> int:
+    """Run the demo pipeline slowly, so the parent can kill it inside ``tts``."""
+    _demo_pipeline(path, effects, child=True).run()
+    return 0
+
+
 def _run_child(argv: Sequence[str]) -> int:
     mode, *args = argv
     if mode == "writer":
@@ -92,6 +139,8 @@ def _run_child(argv: Sequence[str]) -> int:
         return _child_increment(args[0], int(args[1]))
     if mode == "hold":
         return _child_hold(args[0])
+    if mode == "stages":
+        return _child_stages(args[0], args[1])
     print(f"unknown child mode {mode!r}", file=sys.stderr)
     return 2
 
@@ -386,6 +435,54 @@ def _demo_lock(report: _Report, root: Path) -> None:
     )
 
 
+def _demo_pipeline_resume(report: _Report, root: Path) -> None:
+    folder = root / "stages"
+    folder.mkdir()
+    path, effects = folder / "pipeline.json", folder / "effects.txt"
+    runner = _spawn("stages", str(path), str(effects))
+    try:
+        _expect_line(runner, "tts 0")
+        for i in range(1, 8):
+            _expect_line(runner, f"tts {i}")
+        runner.kill()
+        runner.communicate(timeout=_CHILD_TIMEOUT)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.communicate()
+    seen = ProgressTracker(PipelineState(path)).status()  # a process that declared nothing
+    tts = seen["stages"].get("tts", {})
+    report.check(
+        list(seen["stages"]) == ["extract", "tts", "mix"]
+        and tts.get("status") == "running"
+        and seen["stages"]["mix"]["status"] == "pending",
+        f"pipeline: runner killed with SIGKILL inside 'tts'; a fresh process sees the plan "
+        f"{list(seen['stages'])} with tts running at {tts.get('current')}/{tts.get('total')} "
+        f"(owner pid {(tts.get('owner') or {}).get('pid')}, now dead), mix pending, "
+        f"overall {seen['overall_progress']:.1f}%",
+    )
+    resumed_from = int(tts.get("current") or 0)
+    pipeline = _demo_pipeline(str(path), str(effects), child=False)
+    result = pipeline.run()
+    lines = effects.read_text(encoding="utf-8").splitlines()
+    runs = {stage: sum(1 for x in lines if x.split()[0] == stage) for stage in ("extract", "mix")}
+    tts_done = [int(x.split()[1]) for x in lines if x.startswith("tts ")]
+    redone = len(tts_done) - _TTS_ITEMS
+    record = pipeline.state.read()["tts"]
+    interruptions = record.get("interruptions") or []
+    report.check(
+        pipeline.status()["status"] == "success"
+        and runs == {"extract": 1, "mix": 1}
+        and sorted(set(tts_done)) == list(range(_TTS_ITEMS))
+        and 0 <= redone <= 1
+        and len(interruptions) == 1
+        and result.ran == ["tts", "mix"],
+        f"pipeline: the next run() re-ran only tts, from item {resumed_from} (its persisted "
+        f"progress; {redone} item done twice), then mix; extract ran once in all; the tts "
+        f"record keeps the interruption ({len(interruptions)} recorded)",
+    )
+
+
 def _demo_all(
     report: _Report, root: Path, *, rounds: int, seed: int | None, workers: int, increments: int
 ) -> None:
@@ -397,6 +494,7 @@ def _demo_all(
         ("no lost update", lambda: _demo_concurrency(report, root, workers, increments)),
         ("validation", lambda: _demo_validation(report, root)),
         ("lock timeout", lambda: _demo_lock(report, root)),
+        ("pipeline resume", lambda: _demo_pipeline_resume(report, root)),
     ]
     for name, section in sections:
         report.run(name, section)

@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from . import _owner, _plan
 from ._time import now_iso
@@ -65,6 +65,7 @@ _logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 StageFn = Callable[["StageContext"], Any]
+F = TypeVar("F", bound=StageFn)  # the decorated function, returned with its own type
 Event = dict[str, Any]
 
 _DONE = ("success", "skipped")
@@ -341,9 +342,13 @@ class Pipeline:
 
     # -- declaring ------------------------------------------------------------------------
 
+    @overload
+    def stage(self, fn: F, /) -> F: ...
+
+    @overload
     def stage(
         self,
-        fn: StageFn | None = None,
+        fn: None = None,
         *,
         name: str | None = None,
         requires: Sequence[str] = (),
@@ -354,7 +359,22 @@ class Pipeline:
         backoff: float = 2.0,
         max_delay: float = 60.0,
         jitter: bool = True,
-    ) -> Any:
+    ) -> Callable[[F], F]: ...
+
+    def stage(
+        self,
+        fn: F | None = None,
+        *,
+        name: str | None = None,
+        requires: Sequence[str] = (),
+        weight: float = 1.0,
+        retries: int = 0,
+        retry_on: RetryOn = (Exception,),
+        retry_delay: float = 1.0,
+        backoff: float = 2.0,
+        max_delay: float = 60.0,
+        jitter: bool = True,
+    ) -> F | Callable[[F], F]:
         """Declare a stage: ``@pipeline.stage()`` or ``@pipeline.stage(name=..., requires=...)``.
 
         Args:
@@ -379,7 +399,7 @@ class Pipeline:
                 requirement that is not a stage declared before this one.
         """
 
-        def decorate(func: StageFn) -> StageFn:
+        def decorate(func: F) -> F:
             stage_name = name if name is not None else func.__name__
             specs = {**{n: d.weight for n, d in self._stages.items()}, stage_name: weight}
             reqs = {n: list(d.requires) for n, d in self._stages.items()}

@@ -38,6 +38,7 @@ _NAMED_LAYERS = {
     "__init__": _INIT,
     "web": _WEB,
     "cli": _CLI,
+    "demo": _CLI,  # an entry point like cli: it shows the runner too
     "__main__": _MAIN,
 }
 

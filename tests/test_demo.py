@@ -32,6 +32,7 @@ def test_demo_passes_every_check(tmp_path: Path) -> None:
     assert "kill -9 round 6" in text
     assert "4 processes x 100 increments = 400" in text
     assert "'phase3: tts'" in text
+    assert "the next run() re-ran only tts" in text
     assert lines[-1].startswith("PASS  all ")
     assert list(tmp_path.iterdir()) == []  # everything happened in its own temp folder
 
