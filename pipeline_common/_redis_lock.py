@@ -458,7 +458,8 @@ class CrossHostLock:
         """Refuse to commit unless this hold is still the lock's current one.
 
         Called right before the replace. ``last_fence`` is the newest token the log
-        recorded a commit with.
+        recorded a commit with; this hold's own token is fine (one hold may commit
+        more than once: a migration or a recovery record, then the transaction).
 
         Raises:
             StateLockLostError: the subscription was lost, Redis cannot confirm the hold,
@@ -487,7 +488,9 @@ class CrossHostLock:
                         if holder
                         else "the holder record is gone (Redis restarted, or the lock was cut)"
                     )
-                elif last_fence >= token:
+                elif last_fence > token:
+                    # Equal is this very hold: a recover or migrate record written
+                    # before the transaction's own commit carries the same token.
                     reason = f"a newer holder (token {last_fence}) already committed"
         if not reason:
             return

@@ -646,3 +646,67 @@ def test_new_lock_errors_pickle_with_their_facts() -> None:
     back_down = pickle.loads(pickle.dumps(down))
     assert (back_down.url, back_down.timeout) == ("redis://h/0", 2.0)
     assert isinstance(back_down, TimeoutError)
+
+
+def test_a_recovery_record_in_the_same_hold_does_not_fence_out_the_commit(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A file changed outside the library is recorded (recover, this hold's token), and the
+    transaction's own commit with that same token goes through; verify stays healthy."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    path.write_text('{"n": 5}')  # an outside write (or a crash before the log record)
+    with state.transaction() as txn:
+        txn.data["n"] += 1
+    assert state.read() == {"n": 6}
+    newest = state.get_transaction_history(2)
+    assert [r["operation"] for r in newest] == ["transaction", "recover"]
+    assert newest[0]["fence"] == newest[1]["fence"]
+    report = state.verify()
+    assert report, repr(report)
+
+
+def test_a_migration_in_the_same_hold_does_not_fence_out_the_commit(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A migrate commit and the transaction's commit share one hold's token: both land."""
+    path = tmp_path / "pipeline.json"
+    PipelineState(path, lock=redis_server.url).write({"n": 1})
+    state = PipelineState(
+        path, lock=redis_server.url, schema_version=2, migrations={1: lambda d: {**d, "m": 1}}
+    )
+    with state.transaction() as txn:
+        txn.data["n"] += 1
+    assert state.read() == {"n": 2, "m": 1}
+    assert state.verify(), repr(state.verify())
+
+
+def _rewrite_log(log_path: Path, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` as the log, chained again line by line."""
+    out, prev = [], None
+    for record in records:
+        record["prev"] = prev
+        raw = json.dumps(record, separators=(",", ":")).encode()
+        out.append(raw)
+        prev = log_module.line_hash(raw)
+    log_path.write_bytes(b"\n".join(out) + b"\n")
+
+
+def test_verify_flags_one_token_used_by_two_writers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The same token twice is fine from one hold, not from two writers."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    for n in range(3):
+        state.write({"n": n})
+    records = [json.loads(line) for line in log_module.read_lines(state.log_path)]
+    records[1]["fence"] = records[0]["fence"]  # same token, same pid and host: one hold
+    _rewrite_log(state.log_path, records)
+    assert PipelineState(path).verify()
+    records[1]["pid"] = records[0]["pid"] + 1  # another writer with that token
+    _rewrite_log(state.log_path, records)
+    report = PipelineState(path).verify()
+    failed = [c for c in report.checks if not c.ok]
+    assert [c.name for c in failed] == ["fencing tokens grow"]
