@@ -710,3 +710,73 @@ def test_verify_flags_one_token_used_by_two_writers(
     report = PipelineState(path).verify()
     failed = [c for c in report.checks if not c.ok]
     assert [c.name for c in failed] == ["fencing tokens grow"]
+
+
+class _Interrupter:
+    """A trace function that raises KeyboardInterrupt at the entry of the ``target``-th
+    call of a ``pipeline_common`` function (as tests/test_interrupts.py does)."""
+
+    def __init__(self, target: int | None) -> None:
+        self.target = target
+        self.calls = 0
+        self.fired: str | None = None
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        import inspect
+
+        if event != "call" or not frame.f_code.co_filename.startswith(_PACKAGE):
+            return
+        if frame.f_code.co_flags & inspect.CO_GENERATOR and frame.f_lasti > 0:
+            return
+        self.calls += 1
+        if self.target is not None and self.calls == self.target + 1:
+            sys.settrace(None)
+            self.fired = f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_qualname}"
+            raise KeyboardInterrupt
+
+
+_PACKAGE = str(Path(__import__("pipeline_common").__file__).parent)
+
+
+def test_ctrl_c_at_every_call_of_a_redis_transaction_leaves_no_lock_held(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at the entry of each package call of a transaction in turn (acquire, commit,
+    a release half done): another host then gets the Redis lock at once and the next
+    transaction commits (a release cut short used to keep the subscription, and the next
+    transaction failed with 'This lock is already active')."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url, durability="atomic")
+    state.write({"n": 0})
+    _host(monkeypatch, "other")
+    other = PipelineState(path, lock=redis_server.url, timeout=2)
+    monkeypatch.delenv("PIPELINE_STATE_HOST")
+
+    def bump(target: int | None) -> _Interrupter:
+        tracer = _Interrupter(target)
+        sys.settrace(tracer)
+        try:
+            with state.transaction() as txn:
+                txn.data["n"] += 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return tracer
+
+    calls = bump(None).calls
+    assert calls > 50
+    for target in range(calls):
+        fired = bump(target).fired
+        if fired is None:
+            continue
+        if not fired.endswith("StateTransaction.__exit__"):  # healed by the next one
+            other._lock.acquire(2, "probe", other.path)  # another host: free at once
+            other._lock.release()
+        token = os.urandom(4).hex()
+        with state.transaction() as txn:
+            txn.data["token"] = token
+        assert state.read()["token"] == token, fired
+        other._lock.acquire(2, "probe", other.path)
+        other._lock.release()
+    assert state.verify(), repr(state.verify())
