@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ._lock import ProcessLock
 from ._time import now_iso
@@ -98,6 +98,20 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
+def _check_db(url: str) -> None:
+    """Refuse a database number redis-py would silently replace with 0 (``/abc``)."""
+    parts = urlsplit(url)
+    dbs = [v for k, v in parse_qsl(parts.query) if k == "db"]
+    if parts.scheme != "unix" and parts.path.strip("/"):
+        dbs.append(parts.path.strip("/"))
+    for db in dbs:
+        if not db.isdigit():
+            raise ValueError(
+                f"the Redis URL {_redact(url)!r} names database {db!r}: a database is a "
+                "number, e.g. redis://host:6379/0"
+            )
+
+
 class RedisLock:
     """Lock a state across hosts through Redis: ``PipelineState(path, lock=RedisLock(url))``.
 
@@ -135,6 +149,7 @@ class RedisLock:
             raise ValueError(
                 f"a Redis lock needs a redis://, rediss:// or unix:// URL, not {url!r}"
             )
+        _check_db(url)
         self.url = url
         self.name = name
         self.check_interval = check_interval
@@ -311,11 +326,26 @@ class CrossHostLock:
         return self._connection
 
     def _unavailable(self, exc: BaseException, timeout: float | None) -> StateLockUnavailableError:
+        import redis.exceptions
+
+        if isinstance(exc, redis.exceptions.AuthenticationError):
+            what = "refused this client's credentials"
+            check = "Check the user and password in the URL (or the server's requirepass/ACL)."
+        elif isinstance(exc, redis.exceptions.ResponseError) and "DB index" in str(exc):
+            what = "has no such database"
+            check = (
+                "Check the database number in the URL (a server has 16, 0-15, unless its "
+                "'databases' setting says otherwise)."
+            )
+        else:
+            what = "cannot be reached"
+            check = (
+                "Check that Redis runs there, that this host can reach it (host, port, "
+                "firewall, TLS, password) and that the URL is right."
+            )
         return StateLockUnavailableError(
-            f"could not lock {self.state_path}: the Redis lock server {self.url} cannot be "
-            f"reached ({type(exc).__name__}: {exc}). Check that Redis runs there, that this "
-            "host can reach it (host, port, firewall, TLS, password) and that the URL is "
-            "right. Nothing was written.",
+            f"could not lock {self.state_path}: the Redis lock server {self.url} {what} "
+            f"({type(exc).__name__}: {exc}). {check} Nothing was written.",
             path=self.state_path,
             url=self.url,
             timeout=timeout,

@@ -780,3 +780,40 @@ def test_ctrl_c_at_every_call_of_a_redis_transaction_leaves_no_lock_held(
         other._lock.acquire(2, "probe", other.path)
         other._lock.release()
     assert state.verify(), repr(state.verify())
+
+
+def test_auth_failure_and_a_missing_database_say_what_to_check(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A refused password and a database the server lacks: typed errors that name the URL
+    (password hidden) and the part of it to check; nothing written."""
+    path = tmp_path / "pipeline.json"
+    port = redis_server.port
+    import redis
+
+    with redis.Redis(port=port) as admin:
+        admin.config_set("requirepass", "s3cret")
+    bad_password = PipelineState(path, lock=f"redis://:wrong@127.0.0.1:{port}/0", timeout=2)
+    with pytest.raises(StateLockUnavailableError) as caught:
+        bad_password.write({"n": 1})
+    message = str(caught.value)
+    assert "wrong" not in message
+    assert f"redis://:***@127.0.0.1:{port}/0" in message
+    assert "credentials" in message
+    assert "password" in message
+    no_db = PipelineState(path, lock=f"redis://:s3cret@127.0.0.1:{port}/99", timeout=2)
+    with pytest.raises(StateLockUnavailableError) as caught:
+        no_db.write({"n": 1})
+    assert "no such database" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    assert not path.exists()
+
+
+def test_a_database_that_is_not_a_number_is_refused(tmp_path: Path) -> None:
+    """redis-py would quietly use database 0 for /abc; the lock refuses the URL."""
+    for url in ("redis://127.0.0.1:6379/abc", "redis://127.0.0.1:6379/0?db=x"):
+        with pytest.raises(ValueError, match="database"):
+            RedisLock(url)
+    RedisLock("redis://127.0.0.1:6379/3")
+    RedisLock("redis://127.0.0.1:6379?db=2")
+    RedisLock("unix:///run/redis.sock?db=1")
