@@ -190,8 +190,11 @@ def _quiet(state: PipelineState) -> Iterator[bool]:
     if lock.held_by_current_thread():  # inside a transaction of this thread: nothing moves
         yield True
         return
-    # The lock's own file (this host's, under a Redis lock): absent, nothing ever committed.
-    if not os.path.exists(lock.path):  # never committed: nothing can be in flight
+    # Never committed, so nothing can be in flight: the lock file is absent. Under a Redis
+    # lock that file is this host's own, absent on a host that only reads while others
+    # commit: there the log tells.
+    committed = lock.path if lock.path == state.lock_path else state.log_path
+    if not os.path.exists(committed):
         yield False
         return
     try:

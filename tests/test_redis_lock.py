@@ -836,3 +836,32 @@ def test_tokens_keep_growing_after_a_flock_commit_and_a_redis_restart(
     assert fences[-1] > max(fences[:-1]), fences
     report = state.verify()
     assert report, repr(report)
+
+
+def test_verify_on_a_host_that_never_wrote_takes_the_lock_for_its_last_pass(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    children: list[subprocess.Popen[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A problem every lock-free pass sees: verify() on a host with no flock file of its
+    own still tries the Redis lock for a quiet pass (it used to skip it), waits for the
+    holder on another host up to its timeout, and reports what it found."""
+    path = tmp_path / "pipeline.json"
+    _host(monkeypatch, "alpha")
+    PipelineState(path, lock=redis_server.url).write({"n": 0})
+    holder = _spawn(HOLDER, str(path), redis_server.url, host="alpha", cwd=tmp_path)
+    children.append(holder)
+    _wait_line(holder, "holding")
+    (tmp_path / ".pipeline.json.tmp").write_bytes(b"{}")  # a problem every pass sees
+    _host(monkeypatch, "reader")
+    reader = PipelineState(path, lock=redis_server.url, timeout=1.0)
+    started = time.monotonic()
+    report = reader.verify()
+    assert time.monotonic() - started >= 0.9  # it waited for the lock: a locked pass
+    assert not report
+    assert holder.stdin is not None
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    _wait_line(holder, "released")
+    assert reader.verify()  # the holder's commit reused the orphan's name
