@@ -865,3 +865,31 @@ def test_verify_on_a_host_that_never_wrote_takes_the_lock_for_its_last_pass(
     holder.stdin.flush()
     _wait_line(holder, "released")
     assert reader.verify()  # the holder's commit reused the orphan's name
+
+
+def test_a_refused_writer_leaves_the_new_holders_temp_file_alone(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that lost the lock while paused after writing its temp file finds, at the
+    temp name, the file of the holder that took over (which removed ours as an orphan).
+    Its refusal must not remove that file: the new holder's rename would then fail."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    tmp = tmp_path / ".pipeline.json.tmp"
+    sync = state.backup_manager.sync
+
+    def paused_while_another_host_took_over() -> None:  # the last step before the check
+        sync()
+        if not tmp.exists():  # not the sync right before the replace
+            return
+        redis_server.kill()  # the lock is lost
+        time.sleep(0.02)  # paused: file times move on by more than one clock tick
+        tmp.unlink()  # what the new holder does with our temp file ...
+        tmp.write_bytes(b'{"n": 2, "by": "the new holder"}')  # ... then writes its own
+
+    monkeypatch.setattr(state.backup_manager, "sync", paused_while_another_host_took_over)
+    with pytest.raises(StateLockLostError):
+        state.write({"n": 99})
+    assert tmp.read_bytes() == b'{"n": 2, "by": "the new holder"}'
+    assert json.loads(path.read_bytes()) == {"n": 1}
