@@ -147,7 +147,8 @@ class RedisLock:
     ) -> None:
         if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"a Redis lock needs a redis://, rediss:// or unix:// URL, not {url!r}"
+                "a Redis lock needs a redis://, rediss:// or unix:// URL, not "
+                f"{_redact(url) if isinstance(url, str) else url!r}"
             )
         _check_db(url)
         self.url = url

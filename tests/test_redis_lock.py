@@ -893,3 +893,16 @@ def test_a_refused_writer_leaves_the_new_holders_temp_file_alone(
         state.write({"n": 99})
     assert tmp.read_bytes() == b'{"n": 2, "by": "the new holder"}'
     assert json.loads(path.read_bytes()) == {"n": 1}
+
+
+def test_cli_usage_errors_never_show_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --lock URL with a password: the usage error names it with the password hidden."""
+    path = tmp_path / "pipeline.json"
+    PipelineState(path).write({"n": 1})
+    for url in ("http://:hunter2@nowhere/0", "redis://:hunter2@127.0.0.1:6379/abc"):
+        assert cli_main(["lock", str(path), "--lock", url]) == 2
+        err = capsys.readouterr().err
+        assert "hunter2" not in err
+        assert ":***@" in err
