@@ -83,6 +83,9 @@ def atomic_replace(
     tmp = str(temp_path_for(target))
     step = "create temp file"
     fd: int | None = None
+    # The temp file's identity, once created: (device, inode) while our descriptor keeps
+    # the inode from being reused, then with its ctime too, once the descriptor is closed.
+    ours: tuple[int, ...] | None = None
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
@@ -93,6 +96,8 @@ def atomic_replace(
             _fs.unlink(tmp)
             step = "create temp file"
             fd = _fs.open_file(tmp, flags, 0o666)
+        created = os.fstat(fd)
+        ours = (created.st_dev, created.st_ino)
         if mode is not None:
             step = "set temp file mode"
             _fs.fchmod(fd, mode, tmp)
@@ -102,6 +107,7 @@ def atomic_replace(
             step = "fsync temp file"
             _fs.fsync(fd, tmp)
         st = os.fstat(fd)
+        ours = (st.st_dev, st.st_ino, st.st_ctime_ns)
         step = "close temp file"
         closing, fd = fd, None
         _fs.close(closing, tmp)
@@ -114,7 +120,7 @@ def atomic_replace(
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        _remove_quietly(tmp)
+        _remove_quietly(tmp, ours)
         if isinstance(exc, StateError):
             raise  # from before_replace, e.g. a lost lock (StateLockError is a TimeoutError)
         raise _fail(step, target, exc) from exc
@@ -123,7 +129,7 @@ def atomic_replace(
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        _remove_quietly(tmp)
+        _remove_quietly(tmp, ours)
         raise
     try:
         if durable:
@@ -140,7 +146,15 @@ def atomic_replace(
     return Committed(ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
-def _remove_quietly(path: str) -> None:
-    # Gone already, or left for the next commit, which reuses the name.
+def _remove_quietly(path: str, ours: tuple[int, ...] | None) -> None:
+    """Remove our temp file, never another writer's: a writer that lost a Redis lock while
+    paused finds the new holder's temp file at the name (that holder removed ours as an
+    orphan), and removing it would fail the new holder's commit."""
+    # Gone already, or left for the next commit, which reuses the name. Not created yet
+    # as far as we know (``ours`` None: cut short around the create): remove the name.
     with contextlib.suppress(OSError):
+        if ours is not None:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino, st.st_ctime_ns)[: len(ours)] != ours:
+                return
         _fs.unlink(path)

@@ -190,8 +190,11 @@ def _quiet(state: PipelineState) -> Iterator[bool]:
     if lock.held_by_current_thread():  # inside a transaction of this thread: nothing moves
         yield True
         return
-    # The lock's own file (this host's, under a Redis lock): absent, nothing ever committed.
-    if not os.path.exists(lock.path):  # never committed: nothing can be in flight
+    # Never committed, so nothing can be in flight: the lock file is absent. Under a Redis
+    # lock that file is this host's own, absent on a host that only reads while others
+    # commit: there the log tells.
+    committed = lock.path if lock.path == state.lock_path else state.log_path
+    if not os.path.exists(committed):
         yield False
         return
     try:
@@ -330,16 +333,21 @@ def _check_fences(commits: list[dict[str, Any]]) -> Check:
     token that does not is a commit by a writer that had lost the lock."""
     problems = []
     newest = 0
+    holder: tuple[Any, Any] | None = None  # who committed with the newest token
     for record in commits:
         fence = record.get("fence")
         if not isinstance(fence, int):
             continue
-        if fence <= newest:
+        writer = (record.get("pid"), record.get("host"))
+        # One hold may commit more than once with its token (a recover or migrate
+        # record, then the transaction); the same token from another writer may not.
+        if fence < newest or (fence == newest and writer != holder):
             problems.append(
                 f"seq {record.get('seq')}: token {fence} after {newest} (a writer that had "
                 "lost the lock committed)"
             )
-        newest = max(newest, fence)
+        if fence >= newest:
+            newest, holder = fence, writer
     if problems:
         return Check("fencing tokens grow", False, "; ".join(problems[:5]))
     return Check("fencing tokens grow", True, f"newest token {newest}")

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ._lock import ProcessLock
 from ._time import now_iso
@@ -53,6 +53,8 @@ HOST_ENV = "PIPELINE_STATE_HOST"
 several hosts with it; a real host needs nothing)."""
 
 INSTALL_HINT = "pip install 'pipeline-common[redis]'"
+
+_ATTEMPTS = 10  # cleanup retries when interrupts keep cutting it short
 
 # One round trip: draw a token above both the counter and the newest logged token,
 # and record the holder beside the lock.
@@ -96,6 +98,20 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
+def _check_db(url: str) -> None:
+    """Refuse a database number redis-py would silently replace with 0 (``/abc``)."""
+    parts = urlsplit(url)
+    dbs = [v for k, v in parse_qsl(parts.query) if k == "db"]
+    if parts.scheme != "unix" and parts.path.strip("/"):
+        dbs.append(parts.path.strip("/"))
+    for db in dbs:
+        if not db.isdigit():
+            raise ValueError(
+                f"the Redis URL {_redact(url)!r} names database {db!r}: a database is a "
+                "number, e.g. redis://host:6379/0"
+            )
+
+
 class RedisLock:
     """Lock a state across hosts through Redis: ``PipelineState(path, lock=RedisLock(url))``.
 
@@ -131,8 +147,10 @@ class RedisLock:
     ) -> None:
         if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"a Redis lock needs a redis://, rediss:// or unix:// URL, not {url!r}"
+                "a Redis lock needs a redis://, rediss:// or unix:// URL, not "
+                f"{_redact(url) if isinstance(url, str) else url!r}"
             )
+        _check_db(url)
         self.url = url
         self.name = name
         self.check_interval = check_interval
@@ -222,6 +240,8 @@ class CrossHostLock:
         self._connection: redis.Redis | None = None
         self._remote: portalocker.RedisLock | None = None
         self._releasing: threading.Thread | None = None  # the last hold's teardown
+        self._teardown_guard = threading.Lock()  # one teardown of the subscription at a time
+        self._held_remote = False  # the Redis lock is ours until release() finishes with it
 
     # -- the ProcessLock interface ---------------------------------------------------
 
@@ -250,25 +270,37 @@ class CrossHostLock:
         return self.local.held_by_current_thread()
 
     def acquire(self, timeout: float | None, operation: str, state_path: Path) -> None:
-        """Take this host's flock, then the Redis lock, within ``timeout`` seconds."""
+        """Take this host's flock, then the Redis lock, within ``timeout`` seconds.
+
+        Whatever is raised where (a timeout, or a ``KeyboardInterrupt`` between any two
+        steps), both locks are let go before it propagates.
+        """
         start = time.monotonic()
         self.local.acquire(timeout, operation, state_path)
         try:
             remaining = None if timeout is None else max(timeout - (time.monotonic() - start), 0)
             self._acquire_remote(remaining, operation)
         except BaseException:
-            self.local.release()
+            # Retried: an interrupt inside the cleanup must not leave a lock held.
+            for _ in range(_ATTEMPTS):
+                try:
+                    self.release()
+                except BaseException:  # noqa: BLE001 - the first error is re-raised
+                    continue
+                break
             raise
 
     def release(self) -> None:
-        """Release the Redis lock (forgetting our holder record), then the flock."""
-        if not self.local.held_by_current_thread():
-            self.local.release()  # after fork: a no-op, like ProcessLock's
-            return
-        try:
+        """Release the Redis lock (forgetting our holder record), then the flock.
+
+        Safe to call again when an interrupt cut a release short: the Redis part is
+        marked done only once its teardown is under way, so a retry finishes it, and
+        the flock's release is itself re-runnable. After fork, a child never releases
+        its parent's locks.
+        """
+        if self._held_remote and self._pid == os.getpid():
             self._release_remote()
-        finally:
-            self.local.release()
+        self.local.release()
 
     # -- Redis -----------------------------------------------------------------------
 
@@ -280,6 +312,8 @@ class CrossHostLock:
             self._connection = None
             self._remote = None
             self._releasing = None
+            self._held_remote = False
+            self._teardown_guard = threading.Lock()
             self._pid = os.getpid()
         if self._connection is None:
             cfg = self.config
@@ -293,11 +327,26 @@ class CrossHostLock:
         return self._connection
 
     def _unavailable(self, exc: BaseException, timeout: float | None) -> StateLockUnavailableError:
+        import redis.exceptions
+
+        if isinstance(exc, redis.exceptions.AuthenticationError):
+            what = "refused this client's credentials"
+            check = "Check the user and password in the URL (or the server's requirepass/ACL)."
+        elif isinstance(exc, redis.exceptions.ResponseError) and "DB index" in str(exc):
+            what = "has no such database"
+            check = (
+                "Check the database number in the URL (a server has 16, 0-15, unless its "
+                "'databases' setting says otherwise)."
+            )
+        else:
+            what = "cannot be reached"
+            check = (
+                "Check that Redis runs there, that this host can reach it (host, port, "
+                "firewall, TLS, password) and that the URL is right."
+            )
         return StateLockUnavailableError(
-            f"could not lock {self.state_path}: the Redis lock server {self.url} cannot be "
-            f"reached ({type(exc).__name__}: {exc}). Check that Redis runs there, that this "
-            "host can reach it (host, port, firewall, TLS, password) and that the URL is "
-            "right. Nothing was written.",
+            f"could not lock {self.state_path}: the Redis lock server {self.url} {what} "
+            f"({type(exc).__name__}: {exc}). {check} Nothing was written.",
             path=self.state_path,
             url=self.url,
             timeout=timeout,
@@ -309,9 +358,15 @@ class CrossHostLock:
         import redis.exceptions
 
         connection = self._client()
-        releasing, self._releasing = self._releasing, None
-        if releasing is not None:
+        releasing = self._releasing
+        if releasing is not None and releasing.ident is not None:
             releasing.join()  # the previous hold's subscription is gone before a new one
+        self._releasing = None
+        remote = self._remote
+        if remote is not None and remote.pubsub is not None:
+            # A teardown that never ran (an interrupted release): finish it here.
+            with self._teardown_guard:
+                self._quiet_remote_release()
         try:
             connection.ping()
         except redis.exceptions.RedisError as exc:
@@ -363,6 +418,7 @@ class CrossHostLock:
                 ],
             )
             self.token = int(token)
+            self._held_remote = True
         except BaseException as exc:
             self._quiet_remote_release()
             if isinstance(exc, redis.exceptions.RedisError):
@@ -391,10 +447,13 @@ class CrossHostLock:
         )
 
     def _release_remote(self) -> None:
+        """Forget our holder record, then drop the subscription on a helper thread.
+
+        Each step is safe to repeat, so a release cut short by an interrupt is finished
+        by running it again (or by the next acquire).
+        """
         import redis.exceptions
 
-        if self._pid != os.getpid() or self._remote is None:
-            return
         connection = self._client()
         # Redis gone: so is the lock, and the record with it (or a newer one's).
         with contextlib.suppress(redis.exceptions.RedisError):
@@ -404,11 +463,19 @@ class CrossHostLock:
         # The record is gone, so no check can pass for this hold any more. Dropping the
         # subscription waits for portalocker's reader thread (~10-20 ms): do it on a
         # helper thread, joined by the next acquire, so the caller does not wait for it.
-        thread = threading.Thread(
-            target=self._quiet_remote_release, name="pipeline-redis-release", daemon=True
-        )
-        thread.start()
-        self._releasing = thread
+        thread = self._releasing
+        if thread is None:
+            thread = self._releasing = threading.Thread(
+                target=self._teardown, name="pipeline-redis-release", daemon=True
+            )
+        if thread.ident is None:
+            with contextlib.suppress(RuntimeError):  # started by the interrupted call
+                thread.start()
+        self._held_remote = False
+
+    def _teardown(self) -> None:
+        with self._teardown_guard:
+            self._quiet_remote_release()
 
     def _quiet_remote_release(self) -> None:
         remote = self._remote
@@ -458,7 +525,8 @@ class CrossHostLock:
         """Refuse to commit unless this hold is still the lock's current one.
 
         Called right before the replace. ``last_fence`` is the newest token the log
-        recorded a commit with.
+        recorded a commit with; this hold's own token is fine (one hold may commit
+        more than once: a migration or a recovery record, then the transaction).
 
         Raises:
             StateLockLostError: the subscription was lost, Redis cannot confirm the hold,
@@ -487,7 +555,9 @@ class CrossHostLock:
                         if holder
                         else "the holder record is gone (Redis restarted, or the lock was cut)"
                     )
-                elif last_fence >= token:
+                elif last_fence > token:
+                    # Equal is this very hold: a recover or migrate record written
+                    # before the transaction's own commit carries the same token.
                     reason = f"a newer holder (token {last_fence}) already committed"
         if not reason:
             return

@@ -251,7 +251,7 @@ def _open(
             path, timeout=timeout, max_backups=sys.maxsize, schema=_schema(schema), lock=lock
         )
     except (ValueError, ImportError) as exc:
-        raise CliError(f"--lock {lock}: {exc}", EXIT_USAGE) from exc
+        raise CliError(f"--lock: {exc}", EXIT_USAGE) from exc  # exc names it, password hidden
     if not (state.path.exists() or state.sidecar_dir.exists()):
         raise CliError(
             f"{path}: no such state file (and no {state.sidecar_dir.name}/ folder beside it); "

@@ -997,10 +997,32 @@ class PipelineState:
     # -- fencing (Redis lock only) ---------------------------------------------------
 
     def _last_fence(self) -> int:
-        """The fencing token of the newest commit in the log (0: none)."""
+        """The newest fencing token a commit in the log carries (0: none)."""
         last = self._tail().last_commit
-        fence = last.get("fence") if last is not None else None
-        return fence if isinstance(fence, int) else 0
+        if last is None:
+            return 0
+        fence = last.get("fence")
+        if isinstance(fence, int):
+            return fence
+        # The newest commit carries no token (made under flock, or before the Redis lock
+        # was used): the newest token is further back. Only then is the log read whole,
+        # and only until the next commit under the Redis lock records a token again.
+        try:
+            records = self._log.read(None)
+        except OSError as exc:
+            raise StateSidecarError(
+                f"cannot read the transaction log {self.log_path} of {self.path}: "
+                f"{exc.strerror or exc}. Check its permissions; the state file is unchanged.",
+                path=self.log_path,
+            ) from exc
+        return max(
+            (
+                r["fence"]
+                for r in records
+                if r.get("success") and r.get("sha256") and isinstance(r.get("fence"), int)
+            ),
+            default=0,
+        )
 
     def _fence_field(self) -> dict[str, int]:
         """``{"fence": token}`` for a record written under the Redis lock, else ``{}``."""

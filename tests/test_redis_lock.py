@@ -187,7 +187,7 @@ def _wait_line(proc: subprocess.Popen[str], expected: str) -> None:
 
 def _fences(state: PipelineState) -> list[int]:
     records = state.get_transaction_history(limit=None)  # type: ignore[arg-type]
-    return [r["fence"] for r in reversed(records) if r.get("sha256")]
+    return [r["fence"] for r in reversed(records) if r.get("sha256") and "fence" in r]
 
 
 def _host(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -646,3 +646,263 @@ def test_new_lock_errors_pickle_with_their_facts() -> None:
     back_down = pickle.loads(pickle.dumps(down))
     assert (back_down.url, back_down.timeout) == ("redis://h/0", 2.0)
     assert isinstance(back_down, TimeoutError)
+
+
+def test_a_recovery_record_in_the_same_hold_does_not_fence_out_the_commit(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A file changed outside the library is recorded (recover, this hold's token), and the
+    transaction's own commit with that same token goes through; verify stays healthy."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    path.write_text('{"n": 5}')  # an outside write (or a crash before the log record)
+    with state.transaction() as txn:
+        txn.data["n"] += 1
+    assert state.read() == {"n": 6}
+    newest = state.get_transaction_history(2)
+    assert [r["operation"] for r in newest] == ["transaction", "recover"]
+    assert newest[0]["fence"] == newest[1]["fence"]
+    report = state.verify()
+    assert report, repr(report)
+
+
+def test_a_migration_in_the_same_hold_does_not_fence_out_the_commit(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A migrate commit and the transaction's commit share one hold's token: both land."""
+    path = tmp_path / "pipeline.json"
+    PipelineState(path, lock=redis_server.url).write({"n": 1})
+    state = PipelineState(
+        path, lock=redis_server.url, schema_version=2, migrations={1: lambda d: {**d, "m": 1}}
+    )
+    with state.transaction() as txn:
+        txn.data["n"] += 1
+    assert state.read() == {"n": 2, "m": 1}
+    assert state.verify(), repr(state.verify())
+
+
+def _rewrite_log(log_path: Path, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` as the log, chained again line by line."""
+    out, prev = [], None
+    for record in records:
+        record["prev"] = prev
+        raw = json.dumps(record, separators=(",", ":")).encode()
+        out.append(raw)
+        prev = log_module.line_hash(raw)
+    log_path.write_bytes(b"\n".join(out) + b"\n")
+
+
+def test_verify_flags_one_token_used_by_two_writers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The same token twice is fine from one hold, not from two writers."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    for n in range(3):
+        state.write({"n": n})
+    records = [json.loads(line) for line in log_module.read_lines(state.log_path)]
+    records[1]["fence"] = records[0]["fence"]  # same token, same pid and host: one hold
+    _rewrite_log(state.log_path, records)
+    assert PipelineState(path).verify()
+    records[1]["pid"] = records[0]["pid"] + 1  # another writer with that token
+    _rewrite_log(state.log_path, records)
+    report = PipelineState(path).verify()
+    failed = [c for c in report.checks if not c.ok]
+    assert [c.name for c in failed] == ["fencing tokens grow"]
+
+
+class _Interrupter:
+    """A trace function that raises KeyboardInterrupt at the entry of the ``target``-th
+    call of a ``pipeline_common`` function (as tests/test_interrupts.py does)."""
+
+    def __init__(self, target: int | None) -> None:
+        self.target = target
+        self.calls = 0
+        self.fired: str | None = None
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        import inspect
+
+        if event != "call" or not frame.f_code.co_filename.startswith(_PACKAGE):
+            return
+        if frame.f_code.co_flags & inspect.CO_GENERATOR and frame.f_lasti > 0:
+            return
+        self.calls += 1
+        if self.target is not None and self.calls == self.target + 1:
+            sys.settrace(None)
+            self.fired = f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_qualname}"
+            raise KeyboardInterrupt
+
+
+_PACKAGE = str(Path(__import__("pipeline_common").__file__).parent)
+
+
+def test_ctrl_c_at_every_call_of_a_redis_transaction_leaves_no_lock_held(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at the entry of each package call of a transaction in turn (acquire, commit,
+    a release half done): another host then gets the Redis lock at once and the next
+    transaction commits (a release cut short used to keep the subscription, and the next
+    transaction failed with 'This lock is already active')."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url, durability="atomic")
+    state.write({"n": 0})
+    _host(monkeypatch, "other")
+    other = PipelineState(path, lock=redis_server.url, timeout=2)
+    monkeypatch.delenv("PIPELINE_STATE_HOST")
+
+    def bump(target: int | None) -> _Interrupter:
+        tracer = _Interrupter(target)
+        sys.settrace(tracer)
+        try:
+            with state.transaction() as txn:
+                txn.data["n"] += 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return tracer
+
+    calls = bump(None).calls
+    assert calls > 50
+    for target in range(calls):
+        fired = bump(target).fired
+        if fired is None:
+            continue
+        if not fired.endswith("StateTransaction.__exit__"):  # healed by the next one
+            other._lock.acquire(2, "probe", other.path)  # another host: free at once
+            other._lock.release()
+        token = os.urandom(4).hex()
+        with state.transaction() as txn:
+            txn.data["token"] = token
+        assert state.read()["token"] == token, fired
+        other._lock.acquire(2, "probe", other.path)
+        other._lock.release()
+    assert state.verify(), repr(state.verify())
+
+
+def test_auth_failure_and_a_missing_database_say_what_to_check(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A refused password and a database the server lacks: typed errors that name the URL
+    (password hidden) and the part of it to check; nothing written."""
+    path = tmp_path / "pipeline.json"
+    port = redis_server.port
+    import redis
+
+    with redis.Redis(port=port) as admin:
+        admin.config_set("requirepass", "s3cret")
+    bad_password = PipelineState(path, lock=f"redis://:wrong@127.0.0.1:{port}/0", timeout=2)
+    with pytest.raises(StateLockUnavailableError) as caught:
+        bad_password.write({"n": 1})
+    message = str(caught.value)
+    assert "wrong" not in message
+    assert f"redis://:***@127.0.0.1:{port}/0" in message
+    assert "credentials" in message
+    assert "password" in message
+    no_db = PipelineState(path, lock=f"redis://:s3cret@127.0.0.1:{port}/99", timeout=2)
+    with pytest.raises(StateLockUnavailableError) as caught:
+        no_db.write({"n": 1})
+    assert "no such database" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    assert not path.exists()
+
+
+def test_a_database_that_is_not_a_number_is_refused(tmp_path: Path) -> None:
+    """redis-py would quietly use database 0 for /abc; the lock refuses the URL."""
+    for url in ("redis://127.0.0.1:6379/abc", "redis://127.0.0.1:6379/0?db=x"):
+        with pytest.raises(ValueError, match="database"):
+            RedisLock(url)
+    RedisLock("redis://127.0.0.1:6379/3")
+    RedisLock("redis://127.0.0.1:6379?db=2")
+    RedisLock("unix:///run/redis.sock?db=1")
+
+
+def test_tokens_keep_growing_after_a_flock_commit_and_a_redis_restart(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis commits, one commit under flock (no token), Redis restarted empty: the next
+    token is still above every logged one, so verify() reports nothing false."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    for n in range(3):
+        state.write({"n": n})
+    PipelineState(path).write({"n": 3})  # e.g. a maintenance window without Redis
+    redis_server.kill()
+    redis_server.start()  # every key gone, the counter with them
+    state.write({"n": 4})
+    fences = _fences(state)
+    assert fences[-1] > max(fences[:-1]), fences
+    report = state.verify()
+    assert report, repr(report)
+
+
+def test_verify_on_a_host_that_never_wrote_takes_the_lock_for_its_last_pass(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    children: list[subprocess.Popen[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A problem every lock-free pass sees: verify() on a host with no flock file of its
+    own still tries the Redis lock for a quiet pass (it used to skip it), waits for the
+    holder on another host up to its timeout, and reports what it found."""
+    path = tmp_path / "pipeline.json"
+    _host(monkeypatch, "alpha")
+    PipelineState(path, lock=redis_server.url).write({"n": 0})
+    holder = _spawn(HOLDER, str(path), redis_server.url, host="alpha", cwd=tmp_path)
+    children.append(holder)
+    _wait_line(holder, "holding")
+    (tmp_path / ".pipeline.json.tmp").write_bytes(b"{}")  # a problem every pass sees
+    _host(monkeypatch, "reader")
+    reader = PipelineState(path, lock=redis_server.url, timeout=1.0)
+    started = time.monotonic()
+    report = reader.verify()
+    assert time.monotonic() - started >= 0.9  # it waited for the lock: a locked pass
+    assert not report
+    assert holder.stdin is not None
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    _wait_line(holder, "released")
+    assert reader.verify()  # the holder's commit reused the orphan's name
+
+
+def test_a_refused_writer_leaves_the_new_holders_temp_file_alone(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that lost the lock while paused after writing its temp file finds, at the
+    temp name, the file of the holder that took over (which removed ours as an orphan).
+    Its refusal must not remove that file: the new holder's rename would then fail."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    tmp = tmp_path / ".pipeline.json.tmp"
+    sync = state.backup_manager.sync
+
+    def paused_while_another_host_took_over() -> None:  # the last step before the check
+        sync()
+        if not tmp.exists():  # not the sync right before the replace
+            return
+        redis_server.kill()  # the lock is lost
+        time.sleep(0.02)  # paused: file times move on by more than one clock tick
+        tmp.unlink()  # what the new holder does with our temp file ...
+        tmp.write_bytes(b'{"n": 2, "by": "the new holder"}')  # ... then writes its own
+
+    monkeypatch.setattr(state.backup_manager, "sync", paused_while_another_host_took_over)
+    with pytest.raises(StateLockLostError):
+        state.write({"n": 99})
+    assert tmp.read_bytes() == b'{"n": 2, "by": "the new holder"}'
+    assert json.loads(path.read_bytes()) == {"n": 1}
+
+
+def test_cli_usage_errors_never_show_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --lock URL with a password: the usage error names it with the password hidden."""
+    path = tmp_path / "pipeline.json"
+    PipelineState(path).write({"n": 1})
+    for url in ("http://:hunter2@nowhere/0", "redis://:hunter2@127.0.0.1:6379/abc"):
+        assert cli_main(["lock", str(path), "--lock", url]) == 2
+        err = capsys.readouterr().err
+        assert "hunter2" not in err
+        assert ":***@" in err
