@@ -1,5 +1,9 @@
-"""One log-tail read per commit: the tail read on entry serves the commit's append,
-and only while nothing else was written to a log since (a recover record, a cut)."""
+"""Work removed from the commit path, and the proofs it rests on.
+
+One log-tail read per commit: the tail read on entry serves the commit's append, and
+only while nothing else was written to a log since (a recover record, a cut). The
+backups listing taken for the link also shows a copy temp left by a crash.
+"""
 
 from __future__ import annotations
 
@@ -71,3 +75,19 @@ def test_repair_cutting_the_log_inside_its_hold_makes_its_record_chain(
     with state.transaction() as txn:
         txn.data["n"] += 1
     assert _chain_ok(state)
+
+
+def test_a_copy_temp_left_by_a_crash_is_seen_in_the_listing_and_removed(
+    tmp_path: Path,
+) -> None:
+    """The temp a crash left mid-copy is removed by the next backup (no lstat for it)."""
+    state = PipelineState(tmp_path / "s.json")
+    state.write({"n": 0})
+    with state.transaction() as txn:
+        txn.data["n"] += 1
+    tmp = state.backups_dir / ".s.json.backup.tmp"
+    tmp.write_bytes(b'{"n": ')
+    with state.transaction() as txn:
+        txn.data["n"] += 1
+    assert not tmp.exists()
+    assert state.read() == {"n": 2}
