@@ -73,7 +73,9 @@ class BackupManager:
         # One temp name for copies (like the state's own temp file): writers hold the
         # lock, and a crash while copying leaves at most this one orphan, removed by
         # the next backup.
-        self._copy_tmp = str(backups_dir / f".{state_path.name}.backup.tmp")
+        self._copy_tmp_name = f".{state_path.name}.backup.tmp"
+        self.tmp_listed = False  # whether the last names() listing held the copy temp
+        self._copy_tmp = str(backups_dir / self._copy_tmp_name)
         stem = re.escape(state_path.stem)
         self._pattern = re.compile(rf"^{stem}_(\d{{8}}_\d{{6}}_\d{{6}})\.json\.(?:bak|gz)\Z")
         # The same, over a whole listing joined by newlines (which names cannot hold):
@@ -110,6 +112,8 @@ class BackupManager:
     def names(self) -> list[str]:
         """Backup file names, oldest first (name order is creation order).
 
+        Also notes in ``tmp_listed`` whether the copy temp file was in this listing.
+
         Raises:
             StateSidecarError: the backups folder or its parent is a symlink or a file.
         """
@@ -117,7 +121,9 @@ class BackupManager:
         try:
             entries = os.listdir(self.backups_dir)
         except FileNotFoundError:
+            self.tmp_listed = False
             return []
+        self.tmp_listed = self._copy_tmp_name in entries
         if "\n" in self.state_path.stem:  # names hold newlines: match them one by one
             return sorted(n for n in entries if self._pattern.match(n))
         # A name may hold a newline on POSIX; with this stem, such a name is no backup.
@@ -186,7 +192,9 @@ class BackupManager:
         # holds, since nothing cheap proves that no program changed the folder since
         # (its mtime and ctime can stay the same within one timestamp tick).
         existing = self.names()
-        if os.path.lexists(self._copy_tmp):  # a crash while copying left it
+        # Seen in the listing just taken, not by an lstat: only lock holders create the
+        # temp (_write_copy, which removes it before returning), and we hold the lock.
+        if self.tmp_listed:  # a crash while copying left it
             with contextlib.suppress(FileNotFoundError):
                 _fs.unlink(self._copy_tmp)
         # Crashes in a row each leave one backup beyond the window (a crash lands before

@@ -47,6 +47,8 @@ class Tail:
     clean_size: int = 0  # bytes up to the last good record's newline; -1: none is good
     size: int = 0
     end: int = 0  # bytes up to the last newline: every complete line ends by here
+    found: bool = False  # the log file existed when read
+    writes: int = 0  # this process's count of log writes when read (see append)
 
 
 class TransactionLog:
@@ -61,22 +63,22 @@ class TransactionLog:
         self.path = path
         self.mode = mode
         self.damaged_path = path.with_name(path.name + ".damaged")
-        self._seen = False  # whether the last tail() found the file
 
     # -- reading -------------------------------------------------------------
 
     def tail(self) -> Tail:
         """Return the newest good record's facts, read from the file now."""
+        writes = _writes[0]
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._seen = False
-            return Tail()
-        self._seen = True
+            return Tail(writes=writes)
         try:
-            return _scan_tail(_Reader(fd), os.fstat(fd).st_size)
+            tail = _scan_tail(_Reader(fd), os.fstat(fd).st_size)
         finally:
             os.close(fd)
+        tail.found, tail.writes = True, writes
+        return tail
 
     def read(self, limit: int | None = 50) -> list[dict[str, Any]]:
         """Records newest first; lines that do not parse (a torn tail) are skipped."""
@@ -104,6 +106,7 @@ class TransactionLog:
         tail = self.tail()
         if tail.size <= max(tail.clean_size, 0):
             return 0, 0
+        _writes[0] += 1
         path = str(self.path)
         fd = _fs.open_file(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
@@ -140,7 +143,12 @@ class TransactionLog:
         return moved
 
     def append(
-        self, record: dict[str, Any], *, created_dir: Path | None = None, durable: bool = True
+        self,
+        record: dict[str, Any],
+        *,
+        created_dir: Path | None = None,
+        durable: bool = True,
+        tail: Tail | None = None,
     ) -> dict[str, Any]:
         """Number ``record``, chain it to the previous line, append it and fsync.
 
@@ -148,10 +156,19 @@ class TransactionLog:
         to the ``.damaged`` file, so a new record never lands on the end of a broken
         line. Returns the record as written.
 
+        ``tail``: the tail the caller read earlier in the same hold of the state's
+        lock, to spare a second read. It is used only when this process wrote nothing
+        to any log since (the write count is unchanged); the proof that no other
+        process wrote in between is the caller's: only holders of the lock append to
+        or cut the log, and it must have held the lock throughout (never pass a tail
+        read under a lock that can be lost, like the Redis one).
+
         Raises:
             OSError: the append or its fsync failed (the caller decides what that means).
         """
-        tail = self.tail()
+        if tail is None or tail.writes != _writes[0]:
+            tail = self.tail()
+        _writes[0] += 1  # before anything is written: a failed append spoils held tails too
         record = {
             "seq": tail.seq + 1,
             **record,
@@ -161,7 +178,7 @@ class TransactionLog:
         record.pop("commits", None)
         raw = _encode_record(record)
         path = str(self.path)
-        new_file = not self._seen  # tail() just looked (a stat less per commit)
+        new_file = not tail.found  # the tail's read just looked (a stat less per commit)
         # Read-write: damaged lines are read through this descriptor to be moved aside.
         fd = _fs.open_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, self.mode)
         try:
@@ -176,6 +193,10 @@ class TransactionLog:
             _fs.fsync_dir(str(created_dir))
         return record
 
+
+# Log writes (appends, cuts) made by this process, in any log: a tail read before the
+# count last moved is not passed on to an append. A list, so it is changed in place.
+_writes = [0]
 
 _RECORD_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 

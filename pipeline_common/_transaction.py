@@ -17,6 +17,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _check, _interrupt, _json
+from ._log import Tail
 from .errors import StateConflictError, StateError, StateSidecarError
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class _Current:
     recovered: bool = False  # a recover record was appended for it just now
     trusted: bool = False  # the very bytes the newest commit record wrote (by sha256)
     sha256: str = ""  # of ``data``
+    tail: Tail | None = None  # the log's tail as read with ``data``, until an append uses it
 
 
 class StateTransaction:

@@ -760,7 +760,7 @@ class PipelineState:
         if raw is None or st is None:
             return _Current(None)
         current = _Current(raw, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
-        tail = self._tail()
+        tail = current.tail = self._tail()
         last = tail.last_commit
         # Hashed, not recognised by stat: an in-place write of the same size within one
         # mtime tick keeps inode, size and mtime, so only the bytes prove the file is ours.
@@ -1093,12 +1093,22 @@ class PipelineState:
             record["commits"] = True
             if self.schema_version is not None:
                 record["schema_version"] = self.schema_version
-        return self._append_quietly(record)
+        # The tail read on entry spares a second read: we have held the flock since (it
+        # cannot be lost while held, unlike the Redis lock), only lock holders write the
+        # log, and append reads afresh if this process wrote any log since (a recover
+        # record, repair's cut). Used once: the append moves the tail.
+        current = txn._current
+        tail = None
+        if current is not None and not isinstance(self._lock, CrossHostLock):
+            tail, current.tail = current.tail, None
+        return self._append_quietly(record, tail)
 
-    def _append_quietly(self, record: dict[str, Any]) -> dict[str, Any] | None:
+    def _append_quietly(
+        self, record: dict[str, Any], tail: Tail | None = None
+    ) -> dict[str, Any] | None:
         try:
             return self._log.append(
-                record, created_dir=self.sidecar_dir, durable=self.durability == "full"
+                record, created_dir=self.sidecar_dir, durable=self.durability == "full", tail=tail
             )
         except (OSError, ValueError, TypeError) as exc:
             cause = (
