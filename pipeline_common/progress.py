@@ -752,6 +752,11 @@ class ProgressTracker:
                 orphans=orphans,
             )
 
+    def _forget(self, stage: str) -> None:
+        """Drop this tracker's unwritten numbers of ``stage`` (a run of it was interrupted)."""
+        with self._lock:
+            self._live.pop(stage, None)
+
     def _error(self, stage: str | None, message: str) -> ProgressError:
         return ProgressError(message, path=self.state.path, stage=stage)
 
