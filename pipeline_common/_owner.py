@@ -93,7 +93,7 @@ def claim() -> dict[str, Any]:
 def release(owner: Mapping[str, Any]) -> None:
     """Forget the claim of ``owner``: its run in this process has ended."""
     with _claims_lock:
-        _claims.discard(owner.get("claim"))  # type: ignore[arg-type]
+        _claims.discard(owner.get("claim"))
 
 
 def is_this_process(owner: Mapping[str, Any]) -> bool:
