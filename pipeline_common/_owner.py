@@ -8,18 +8,36 @@ A running stage's record names its owner::
 ticks since boot; proc(5)). A pid alone is not enough: after a crash or a reboot the
 pid is often reused by another program, and the stage would then look owned forever.
 Only the host that wrote the owner can judge it; another host's owner is "unknown".
+
+An owner written by this very process carries a ``claim`` token, registered here
+while the run that claimed the stage is still going (:func:`claim`, :func:`release`).
+A claim of this process whose run ended without recording its outcome (a Ctrl-C
+between the claim and the outcome, a failed outcome commit) is "gone", so the next
+run in the same process takes the stage over instead of refusing it forever.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from ._time import now_iso
 
-__all__ = ["HOST", "Verdict", "describe", "judge", "mine", "proc_start"]
+__all__ = [
+    "HOST",
+    "Verdict",
+    "claim",
+    "describe",
+    "is_this_process",
+    "judge",
+    "mine",
+    "proc_start",
+    "release",
+]
 
 HOST = socket.gethostname()
 
@@ -46,13 +64,54 @@ def proc_start(pid: int) -> int | None:
 _own_start: tuple[int, int | None] | None = None  # (pid, start): fixed for a process
 
 
-def mine() -> dict[str, Any]:
-    """The owner record of this process, for a stage it claims now."""
+def _own_proc_start() -> int | None:
     global _own_start
     pid = os.getpid()
     if _own_start is None or _own_start[0] != pid:  # a forked child has its own
         _own_start = (pid, proc_start(pid))
-    return {"pid": pid, "host": HOST, "since": now_iso(), "proc_start": _own_start[1]}
+    return _own_start[1]
+
+
+def mine() -> dict[str, Any]:
+    """The owner record of this process, for a stage it claims now."""
+    return {"pid": os.getpid(), "host": HOST, "since": now_iso(), "proc_start": _own_proc_start()}
+
+
+_claims: set[str] = set()  # tokens of the claims whose run is going on in this process
+_claims_lock = threading.Lock()
+
+
+def claim() -> dict[str, Any]:
+    """A new owner record of this process, registered as running until :func:`release`."""
+    owner = mine()
+    owner["claim"] = uuid.uuid4().hex
+    with _claims_lock:
+        _claims.add(owner["claim"])
+    return owner
+
+
+def release(owner: Mapping[str, Any]) -> None:
+    """Forget the claim of ``owner``: its run in this process has ended."""
+    with _claims_lock:
+        _claims.discard(owner.get("claim"))
+
+
+def is_this_process(owner: Mapping[str, Any]) -> bool:
+    """True when ``owner`` was written by this very process (pid, host and start time)."""
+    return (
+        owner.get("host") == HOST
+        and owner.get("pid") == os.getpid()
+        and owner.get("proc_start") == _own_proc_start()
+    )
+
+
+def _ended_here(owner: Mapping[str, Any]) -> bool:
+    """True for a claim made by this process whose run is over."""
+    token = owner.get("claim")
+    if not isinstance(token, str) or not is_this_process(owner):
+        return False
+    with _claims_lock:
+        return token not in _claims
 
 
 def judge(owner: Mapping[str, Any]) -> Verdict:
@@ -60,7 +119,7 @@ def judge(owner: Mapping[str, Any]) -> Verdict:
     pid = owner.get("pid")
     if owner.get("host") != HOST or not isinstance(pid, int) or isinstance(pid, bool):
         return "unknown"
-    if pid <= 0:
+    if pid <= 0 or _ended_here(owner):
         return "gone"
     try:
         os.kill(pid, 0)

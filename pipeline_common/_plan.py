@@ -110,6 +110,11 @@ def build(
             given = (given,)
         needs: list[str] = []
         for req in given:
+            if not isinstance(req, str):
+                raise PlanProblem(
+                    f"the requires of stage {name!r} must be stage names, not {req!r}",
+                    stage=name,
+                )
             if req == name:
                 raise PlanProblem(f"stage {name!r} requires itself", stage=name)
             if req not in weights:
@@ -178,6 +183,11 @@ def from_data(data: Mapping[str, Any]) -> list[StageSpec] | None:
             "it is reserved for the plan: restore a backup or remove the key"
         )
     version = raw.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < PLAN_VERSION:
+        raise PlanProblem(
+            f"data[{PLAN_KEY!r}] has plan version {version!r}, which no version of this "
+            "library writes; it is reserved for the plan: restore a backup or remove the key"
+        )
     if version != PLAN_VERSION:
         raise PlanProblem(
             f"data[{PLAN_KEY!r}] has plan version {version!r}; this library reads version "

@@ -554,7 +554,17 @@ class Pipeline:
     # -- one stage ------------------------------------------------------------------------
 
     def _run_stage(self, definition: _StageDef, force: bool) -> str:
-        ctx = self._claim(definition, force)
+        # Registered before the claim can commit and released whatever happens, so a
+        # Ctrl-C anywhere from the claim to the outcome leaves a claim this process
+        # judges "gone": the next run here takes the stage over (see _owner).
+        owner = _owner.claim()
+        try:
+            return self._run_claimed(definition, force, owner)
+        finally:
+            _owner.release(owner)
+
+    def _run_claimed(self, definition: _StageDef, force: bool, owner: dict[str, Any]) -> str:
+        ctx = self._claim(definition, force, owner)
         if ctx is None:
             return "already_done"
 
@@ -580,7 +590,14 @@ class Pipeline:
         return self._succeeded(definition, ctx)
 
     async def _arun_stage(self, definition: _StageDef, force: bool) -> str:
-        ctx = self._claim(definition, force)
+        owner = _owner.claim()  # as in _run_stage
+        try:
+            return await self._arun_claimed(definition, force, owner)
+        finally:
+            _owner.release(owner)
+
+    async def _arun_claimed(self, definition: _StageDef, force: bool, owner: dict[str, Any]) -> str:
+        ctx = self._claim(definition, force, owner)
         if ctx is None:
             return "already_done"
         fn: Callable[[StageContext], Awaitable[Any]] = definition.fn
@@ -598,7 +615,9 @@ class Pipeline:
             return self._failed(definition, ctx, exc)
         return self._succeeded(definition, ctx)
 
-    def _claim(self, definition: _StageDef, force: bool) -> StageContext | None:
+    def _claim(
+        self, definition: _StageDef, force: bool, owner: dict[str, Any]
+    ) -> StageContext | None:
         """Check, then mark the stage running with this process as owner: one commit."""
         name = definition.name
         tracker = self._tracker()
@@ -613,7 +632,7 @@ class Pipeline:
                 self._events_held(),
                 self.state.transaction(operation=f"stage {name}: start") as txn,
             ):
-                found = self._claim_locked(definition, txn, force, tracker)
+                found = self._claim_locked(definition, txn, force, tracker, owner)
         except _Abort:
             return None
         ctx = StageContext(
@@ -623,7 +642,12 @@ class Pipeline:
         return ctx
 
     def _claim_locked(
-        self, definition: _StageDef, txn: StateTransaction, force: bool, tracker: ProgressTracker
+        self,
+        definition: _StageDef,
+        txn: StateTransaction,
+        force: bool,
+        tracker: ProgressTracker,
+        owner: dict[str, Any],
     ) -> dict[str, Any]:
         name = definition.name
         data = txn.data
@@ -634,23 +658,21 @@ class Pipeline:
         rec = data.setdefault(name, {})
         interruption = None
         if status == "running":
-            owner = rec.get("owner")
-            verdict = _owner.judge(owner) if isinstance(owner, dict) else "gone"
+            previous = rec.get("owner")
+            verdict = _owner.judge(previous) if isinstance(previous, dict) else "gone"
             if verdict in ("alive", "unknown"):
-                raise self._busy(name, owner if isinstance(owner, dict) else {}, verdict)
+                raise self._busy(name, previous if isinstance(previous, dict) else {}, verdict)
             interruption = {
                 "at": now_iso(),
                 "attempt": _plan.attempts_of(rec),
-                "reason": (
-                    "the owner's pid was reused by another process"
-                    if verdict == "reused"
-                    else "the owner process is gone"
-                    if isinstance(owner, dict)
-                    else "left running with no owner recorded"
-                ),
-                "owner": _public_owner(owner),
+                "reason": _interruption_reason(previous, verdict),
+                "owner": _public_owner(previous),
             }
         before = _plan.attempts_of(rec)
+        if interruption is not None:
+            # An interrupted run of this very tracker left its numbers behind: the
+            # file's progress is what the resume continues from.
+            tracker._forget(name)
         handle = tracker.start(name, restart=status in _DONE)
         # A series of retries continues after a crash; a new run after a finished
         # failure (or a forced re-run) starts a new series.
@@ -658,7 +680,6 @@ class Pipeline:
             rec.pop("retry", None)
             rec["attempts_base"] = before
         rec["attempts"] = before + 1
-        owner = _owner.mine()
         rec["owner"] = owner
         rec["error"] = None
         rec.pop("skipped_reason", None)
@@ -1015,6 +1036,16 @@ def _refuse_running_loop(stage: str) -> None:
         f"stage {stage!r} is async and an event loop is running here; "
         "use `await pipeline.arun()` instead of pipeline.run()"
     )
+
+
+def _interruption_reason(previous: object, verdict: str) -> str:
+    if not isinstance(previous, dict):
+        return "left running with no owner recorded"
+    if verdict == "reused":
+        return "the owner's pid was reused by another process"
+    if _owner.is_this_process(previous):
+        return "the run in this process that claimed it ended without recording its outcome"
+    return "the owner process is gone"
 
 
 def _public_owner(owner: object) -> dict[str, Any] | None:

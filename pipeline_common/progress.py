@@ -634,9 +634,9 @@ class ProgressTracker:
     ) -> Iterator[dict[str, Any]]:
         """Yield :meth:`status` now and after each change of the state file.
 
-        Polls with ``os.stat`` (inode, mtime, size), parsing the file only when it
-        changed. Ends after yielding a finished (success or failed) status, or when
-        ``timeout`` seconds have passed.
+        Polls with ``os.stat`` of the file and of its log (inode, mtime, size), parsing
+        the file only when either changed. Ends after yielding a finished (success or
+        failed) status, or when ``timeout`` seconds have passed.
         """
         deadline = None if timeout is None else self._monotonic() + timeout
         seen = self._stat_key()
@@ -751,6 +751,11 @@ class ProgressTracker:
                 stage=orphans[0],
                 orphans=orphans,
             )
+
+    def _forget(self, stage: str) -> None:
+        """Drop this tracker's unwritten numbers of ``stage`` (a run of it was interrupted)."""
+        with self._lock:
+            self._live.pop(stage, None)
 
     def _error(self, stage: str | None, message: str) -> ProgressError:
         return ProgressError(message, path=self.state.path, stage=stage)
@@ -885,12 +890,10 @@ class ProgressTracker:
         if status != "failed" and snapshot["status"] == "success":
             self._emit("pipeline_completed", None, snapshot)
 
-    def _stat_key(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.state.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    def _stat_key(self) -> tuple[object, object]:
+        """The file's stat and the log's: every commit grows the log, even one whose new
+        file keeps the old one's inode, size and mtime (a reused inode within one tick)."""
+        return (_stat(self.state.path), _stat(self.state.log_path))
 
     def _emit(self, event: str, stage: str | None, snapshot: dict[str, Any], **extra: Any) -> None:
         subscribers = self._subscribers
@@ -1083,6 +1086,14 @@ class ProgressTracker:
                 return None
             eta += pending_weight * sum(per_weight) / len(per_weight)
         return eta
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 _open_trackers: weakref.WeakSet[ProgressTracker] = weakref.WeakSet()

@@ -25,6 +25,7 @@ from pipeline_common import (
     StageFailedError,
 )
 from pipeline_common._owner import proc_start
+from pipeline_common.pipeline import reset_stages
 
 TIMEOUT = 60.0
 
@@ -582,3 +583,53 @@ def test_record_keys_merge_and_run_refuses_a_running_loop(tmp_path: Path) -> Non
 
     asyncio.run(inside_a_loop())
     assert asyncio.run(pipeline.arun("later")).ran == ["later"]
+
+
+def test_an_interrupt_between_claim_and_outcome_does_not_wedge_this_process(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C after the claim committed (here: in a subscriber): the next run takes it over."""
+    pipeline = Pipeline(tmp_path / "p.json", durability="atomic")
+    runs: list[int] = []
+
+    @pipeline.stage()
+    def work(ctx: StageContext) -> None:
+        runs.append(1)
+
+    def interrupt(event: dict[str, Any]) -> None:
+        if event["event"] == "stage_started" and not runs:
+            raise KeyboardInterrupt
+
+    unsubscribe = pipeline.subscribe(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run()
+    unsubscribe()
+    left = pipeline.state.read()["work"]
+    assert left["status"] == "running"
+    assert left["owner"]["pid"] == os.getpid()
+    assert pipeline.run().ran == ["work"]  # was StageBusyError naming this very pid
+    record = pipeline.state.read()["work"]
+    assert record["status"] == "success"
+    assert "ended without recording" in record["interruptions"][-1]["reason"]
+    assert runs == [1]
+
+
+def test_a_second_pipeline_in_this_process_sees_a_running_stage_busy(tmp_path: Path) -> None:
+    """Another Pipeline object on the same file, while the stage runs: StageBusyError."""
+    path = tmp_path / "p.json"
+    pipeline = Pipeline(path, durability="atomic")
+    seen: list[BaseException] = []
+
+    @pipeline.stage()
+    def work(ctx: StageContext) -> None:
+        other = Pipeline(path, durability="atomic")
+        other.stage(work, name="work")
+        try:
+            other.run()
+        except StageBusyError as exc:
+            seen.append(exc)
+        with pytest.raises(StageBusyError):
+            reset_stages(other.state, "work")
+
+    assert pipeline.run().ran == ["work"]
+    assert len(seen) == 1

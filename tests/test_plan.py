@@ -173,6 +173,30 @@ def test_a_corrupt_stored_plan_is_reported(state: PipelineState) -> None:
         ProgressTracker(state)
 
 
+@pytest.mark.parametrize(
+    ("plan", "match"),
+    [
+        ({"version": 1, "stages": [{"name": "a", "requires": [["x"]]}]}, "must be stage names"),
+        (
+            {"version": 1, "stages": [{"name": "a"}, {"name": "b", "requires": [{"a": 1}]}]},
+            "must be stage names",
+        ),
+        ({"version": [1], "stages": []}, "restore a backup"),
+        ({"version": "1", "stages": []}, "restore a backup"),
+    ],
+)
+def test_a_hand_edited_stored_plan_is_a_plan_error_naming_the_file(
+    state: PipelineState, plan: dict[str, Any], match: str
+) -> None:
+    """Odd types in a hand-edited plan: a PlanError naming the file, never a raw TypeError."""
+    state.write({"_pipeline": plan})
+    with pytest.raises(PlanError, match=match) as caught:
+        ProgressTracker(state)
+    assert state.path.name in str(caught.value)
+    with pytest.raises(PlanError, match="must be stage names"):
+        ProgressTracker(state, ["a", "b"], requires={"b": [["a"]]})  # type: ignore[list-item]
+
+
 def test_declare_false_writes_nothing(state: PipelineState) -> None:
     """A view over named stages never writes a plan."""
     tracker = ProgressTracker(state, ["a"], declare=False)

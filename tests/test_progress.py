@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -795,6 +796,32 @@ def test_watch_yields_each_change_and_ends_on_completion(
     tracker = make_tracker(sleep=sleep)
     seen = [s["overall_progress"] for s in tracker.watch(interval=0.01)]
     assert seen == [0.0, 0.0, 25.0, 50.0, 100.0]
+
+
+def test_watch_sees_a_commit_that_keeps_the_files_stat(make_tracker: Any, clock: FakeClock) -> None:
+    """A commit whose file keeps inode, size and mtime (a reused inode in one tick) is seen."""
+    writer = make_tracker()
+    writer.start("phase1", total=10)
+    writer.update("phase1", 3)
+    path = writer.state.path
+    done: list[int] = []
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        if done:
+            return
+        done.append(1)
+        before = os.stat(path)
+        raw = path.read_bytes()
+        with open(path, "r+b") as f:  # same inode, same size, new bytes
+            f.write(raw.replace(b'"current": 3', b'"current": 4'))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        with contextlib.suppress(RuntimeError), writer.state.transaction():
+            raise RuntimeError("refused: only the log grows")
+
+    tracker = make_tracker(sleep=sleep)
+    seen = [s["stages"]["phase1"]["current"] for s in tracker.watch(interval=1.0, timeout=3.0)]
+    assert seen == [3, 4]
 
 
 def test_watch_ends_on_a_failed_pipeline(make_tracker: Any, clock: FakeClock) -> None:

@@ -157,7 +157,6 @@ class StateWatcher:
         self.poll_interval = poll_interval
         self.lock_stale_after = lock_stale_after
         self.idle_after = idle_after
-        self.refreshes = 0  # how many times a version was parsed (for tests and benchmarks)
         # _work serializes reading the file (slow: a parse, maybe a wait for the log);
         # _guard only guards the client set and the thread, so an event loop that
         # (un)subscribes a client never waits for a parse.
@@ -168,7 +167,6 @@ class StateWatcher:
         self._stop = threading.Event()
         self._view: View | None = None
         self._seq = 0
-        self._parsed: tuple[object, dict[str, Any], int] | None = None  # stat key, data, gen
         self._last_change = time.monotonic()
         self._last_lock_check = 0.0
         self._last_touch = time.monotonic()
@@ -179,6 +177,11 @@ class StateWatcher:
     def view(self) -> View:
         """The newest view (starts the watcher if needed)."""
         return self.ensure_started()
+
+    @property
+    def refreshes(self) -> int:
+        """How many times a version of the file was parsed (for tests and benchmarks)."""
+        return self.state.decodes
 
     @property
     def latest(self) -> View | None:
@@ -283,15 +286,11 @@ class StateWatcher:
         try:
             if state_key is None:
                 raise FileNotFoundError
-            if self._parsed is not None and self._parsed[0] == state_key:
-                data, generation = self._parsed[1], self._parsed[2]
-            else:
-                data, generation = self.state.read_versioned(wait=1.0)
-                self._parsed = (state_key, data, generation)
-                self.refreshes += 1
+            # Parsed again only when the bytes differ (PinnedState._decode): the side of
+            # a commit seen in the log alone costs a read, not a parse.
+            data, generation = self.state.read_versioned(wait=1.0)
             snapshot = build_snapshot(self.state, data, generation)
         except FileNotFoundError:
-            self._parsed = None
             self._publish(
                 ["state_error"],
                 None,
@@ -306,7 +305,6 @@ class StateWatcher:
             )
             return
         except StateError as exc:
-            self._parsed = None
             kind = _kind(exc)
             path = getattr(exc, "path", None) or self.state.path
             self._publish(
@@ -363,7 +361,6 @@ class StateWatcher:
         elif locked and not info.held and view is not None:
             self._last_change = now
             self._view = None  # republish the last good state as fresh
-            self._parsed = None
             self._refresh(self._key())
 
     def _publish(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from typing import Any
 
@@ -73,3 +75,37 @@ def test_an_idle_watcher_stops_and_a_request_restarts_it(state: PipelineState) -
     assert view.snapshot is not None
     assert view.snapshot["status"] == "success"
     watcher.close()
+
+
+def test_a_change_that_keeps_the_files_stat_is_not_missed(state: PipelineState) -> None:
+    """Same inode, size and mtime (rewritten in place, mtime set back), new bytes: shown."""
+    state.write({"phase1": {"status": "running", "progress": {"current": 3, "total": 9}}})
+    watcher = StateWatcher(PinnedState(state.path), poll_interval=3600)
+    try:
+        view = watcher.ensure_started()
+        assert view.snapshot is not None
+        assert view.snapshot["stages"]["phase1"]["current"] == 3
+        before = os.stat(state.path)
+        raw = state.path.read_bytes()
+        changed = raw.replace(b'"current": 3', b'"current": 4')
+        assert changed != raw
+        assert len(changed) == len(raw)
+        with open(state.path, "r+b") as f:  # another program, in place
+            f.write(changed)
+        os.utime(state.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(state.path)
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        )
+        with contextlib.suppress(RuntimeError), state.transaction():
+            raise RuntimeError("a refused transaction: only the log grows")
+        with watcher._work:
+            watcher._refresh(watcher._key())
+        latest = watcher.latest
+        assert latest is not None
+        assert latest.snapshot is not None
+        assert latest.snapshot["stages"]["phase1"]["current"] == 4
+    finally:
+        watcher.close()
