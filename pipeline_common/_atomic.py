@@ -61,6 +61,7 @@ def atomic_replace(
     *,
     before_replace: Callable[[], None] | None = None,
     durable: bool = True,
+    check_temp: bool = False,
 ) -> Committed:
     """Make ``data`` the content of ``target``, durably and atomically.
 
@@ -73,6 +74,10 @@ def atomic_replace(
             commit like any other step.
         durable: False skips both fsyncs (``durability="atomic"``): never torn, but
             a power loss may take the newest commits back.
+        check_temp: Right before the rename, check that the file at the temp name is
+            still ours. Only a lock that can be lost while held (Redis) needs it: a
+            writer paused past its fencing check may find the temp name taken by the
+            new holder's unfinished file, and renaming that would tear the state.
 
     Raises:
         StateWriteError: a step before the rename failed; ``target`` is untouched and
@@ -114,6 +119,17 @@ def atomic_replace(
         if before_replace is not None:
             step = "before replace"
             before_replace()
+        if check_temp:
+            step = "check temp file"
+            now = os.lstat(tmp)
+            if (now.st_dev, now.st_ino, now.st_ctime_ns) != ours:
+                raise StateWriteError(
+                    f"the temp file {tmp} is no longer this writer's: another writer took "
+                    f"over (this one must have lost its lock). {target} was not replaced; "
+                    "check the lock's timeouts (docs/multi-host.md).",
+                    path=target,
+                    step=step,
+                )
         step = "replace state file"
         _fs.replace(tmp, str(target))
     except OSError as exc:

@@ -927,6 +927,7 @@ class PipelineState:
                     current.mode,
                     before_replace=self._before_replace(backup is not None),
                     durable=self.durability == "full",
+                    check_temp=isinstance(self._lock, CrossHostLock),
                 )
             except StateDurabilityError:
                 raise

@@ -32,6 +32,7 @@ from pipeline_common import (
     StateLockError,
     StateLockLostError,
     StateLockUnavailableError,
+    StateWriteError,
 )
 from pipeline_common import _log as log_module
 from pipeline_common.cli import main as cli_main
@@ -906,3 +907,31 @@ def test_cli_usage_errors_never_show_the_password(
         err = capsys.readouterr().err
         assert "hunter2" not in err
         assert ":***@" in err
+
+
+def test_a_writer_paused_past_its_fence_check_never_renames_the_new_holders_temp_file(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window fencing leaves: the writer passed its check, then paused; the holder
+    that took over replaced the temp file with its own unfinished one. The writer must
+    not rename that file over the state (a torn state): it checks the temp file is still
+    its own right before the rename."""
+    path = tmp_path / "pipeline.json"
+    state = PipelineState(path, lock=redis_server.url)
+    state.write({"n": 1})
+    tmp = tmp_path / ".pipeline.json.tmp"
+    lock = state._lock
+    real_check = lock.check
+
+    def checked_then_paused(*args: Any, **kwargs: Any) -> None:
+        real_check(*args, **kwargs)  # passes: the lock is not lost yet
+        if tmp.exists():  # the check right before the replace
+            time.sleep(0.02)  # file times move on by more than one clock tick
+            tmp.unlink()  # the new holder removes our temp file as an orphan ...
+            tmp.write_bytes(b'{"n": 2, "by": "the new hol')  # ... and is writing its own
+
+    monkeypatch.setattr(lock, "check", checked_then_paused)
+    with pytest.raises(StateWriteError, match="no longer this writer's"):
+        state.write({"n": 99})
+    assert json.loads(path.read_bytes()) == {"n": 1}
+    assert tmp.read_bytes() == b'{"n": 2, "by": "the new hol'
