@@ -1105,6 +1105,17 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _add_lock_timeout(parser: argparse.ArgumentParser) -> None:
+    """``--timeout S`` for a command that takes the lock (restore, repair, reset)."""
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="wait at most S seconds for the lock (default 10; exit 3)",
+    )
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -1223,24 +1234,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="only show what would change")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    p.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="wait at most S seconds for the lock (default 10; exit 3)",
-    )
+    _add_lock_timeout(p)
 
     command("verify", cmd_verify, "check the state, log, backups and lock file (exit 1: problems)")
 
     p = command("repair", cmd_repair, "fix what can be fixed without losing data")
-    p.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="wait at most S seconds for the lock (default 10; exit 3)",
-    )
+    _add_lock_timeout(p)
 
     command("lock", cmd_lock, "say whether the lock is held, and by whom")
 
@@ -1263,13 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--downstream", action="store_true", help="also reset every stage that depends on it"
     )
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    p.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="wait at most S seconds for the lock (default 10; exit 3)",
-    )
+    _add_lock_timeout(p)
 
     summary = "import a Pipeline (MODULE:ATTR) and run its stages"
     p = sub.add_parser(
