@@ -31,6 +31,11 @@ class Digest:
             else:
                 self._thread = thread
 
+    @property
+    def threaded(self) -> bool:
+        """True while the hash runs on a helper thread (the caller may work meanwhile)."""
+        return self._thread is not None
+
     def _run(self) -> None:
         data = self._data
         if data is not None:

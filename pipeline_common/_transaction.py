@@ -40,6 +40,7 @@ class _Current:
     trusted: bool = False  # the very bytes the newest commit record wrote (by sha256)
     sha256: str = ""  # of ``data``
     tail: Tail | None = None  # the log's tail as read with ``data``, until an append uses it
+    parsed: dict[str, Any] | None = None  # ``data`` parsed, when asked for and ``trusted``
 
 
 class StateTransaction:
@@ -125,7 +126,9 @@ class StateTransaction:
             _interrupt.install(self)
             state._set_active(self)
             state._prepare_sidecars()
-            self._current = state._read_current_locked()
+            self._current = state._read_current_locked(
+                parse=self._payload is None and self._seed is None and self._commits
+            )
             if self._current.recovered:
                 self.details["recovered_commit"] = True
             state._migrate_locked(self)
@@ -145,7 +148,10 @@ class StateTransaction:
             elif self._seed is not None:
                 self.data = copy.deepcopy(self._seed) if self._copy_seed else self._seed
             elif self._commits:
-                self.data = state._decode(self._current.data, trusted=self._current.trusted)
+                parsed, self._current.parsed = self._current.parsed, None  # used once
+                if parsed is None:
+                    parsed = state._decode(self._current.data, trusted=self._current.trusted)
+                self.data = parsed
         except BaseException as exc:
             interrupted: BaseException | None = None
             try:
