@@ -13,9 +13,7 @@ honours the timeout. On Windows, filelock does the locking.
 
 The holder writes who it is (pid, host, since, operation) into the lock file while it
 holds the lock, so a waiter that times out can say who blocked it. On release it
-leaves a mark only it could have written (not JSON, so never read as a holder): if
-the mark is still there at its next acquire, nobody took the lock in between
-(``undisturbed``; no cache of the library relies on it any more, see docs/protocol.md).
+blanks the record (spaces), so nobody is named as the holder of a free lock.
 
 Acquire and release are safe against an exception raised anywhere (Ctrl-C): a partial
 acquire is undone, and a release cut short can be run again to finish.
@@ -53,7 +51,7 @@ def _owns(lock: Any) -> bool:
     return bool(lock._is_owned())
 
 
-_RECORD = 256  # holder records and release marks are padded to this many bytes
+_RECORD = 256  # holder records (and the blank left on release) are padded to this size
 
 
 def _pad(record: bytes) -> bytes:
@@ -61,6 +59,9 @@ def _pad(record: bytes) -> bytes:
     last, so each write covers the previous one and the file's length never changes:
     one ``pwrite``, no ``ftruncate``. A longer record is left as it is."""
     return record.ljust(_RECORD - 1) + b"\n" if len(record) < _RECORD else record
+
+
+_BLANK = _pad(b"")
 
 
 class _Waiter:
@@ -198,18 +199,7 @@ class ProcessLock:
         self._fd_pid = 0
         self._pending: _Waiter | None = None  # a waiter still blocked after a timeout
         self._held_by: tuple[int, int, str, str] | None = None  # pid, thread id, since, op
-        self._nonce = os.urandom(8).hex()
-        self._mark: bytes | None = None  # what our last release left in the lock file
         self._length = -1  # the lock file's length after our last write (-1: unknown)
-        self.holds = 0
-        """How many times this process took the lock through this object."""
-        self.folder_changes = 0
-        """Changes to the backups folder made through this lock by this process (under
-        it), counted so a remembered listing is never trusted across one."""
-        self.undisturbed = False
-        """True in a hold when no other process took the lock since this object's
-        previous hold (threads and ``PipelineState`` objects of this process share this
-        object: compare :attr:`holds` to tell them apart)."""
 
     def acquire(self, timeout: float | None, operation: str, state_path: Path) -> None:
         """Take the lock within ``timeout`` seconds (None waits forever), or raise.
@@ -232,11 +222,7 @@ class ProcessLock:
             self._acquire_os(timeout, start, operation, state_path)
             since = now_iso()
             self._held_by = (os.getpid(), threading.get_ident(), since, operation)
-            self.holds += 1
-            found = self._read_record()
-            self.undisturbed = self._mark is not None and found == self._mark
-            self._mark = None
-            self._write_holder(since, operation, len(found) if found is not None else -1)
+            self._write_holder(since, operation, self._record_length())
         except BaseException:
             # Retried: an interrupt inside the cleanup must not leave the lock held.
             for _ in range(_ATTEMPTS):
@@ -255,8 +241,6 @@ class ProcessLock:
 
     def _abandon(self) -> None:
         """Undo a partial :meth:`acquire`; safe to run again after an interruption."""
-        self.undisturbed = False
-        self._mark = None  # the file may hold our holder record now: it proves nothing
         waiter = self._pending
         if waiter is not None:
             fd = waiter.cancel()
@@ -273,14 +257,15 @@ class ProcessLock:
         if _owns(self._threads):
             self._threads.release()
 
-    def _read_record(self) -> bytes | None:
-        """What the lock file holds now (its first ``_RECORD + 1`` bytes)."""
+    def _record_length(self) -> int:
+        """The lock file's length, up to ``_RECORD + 1`` (-1: unknown): a record written
+        by another program or an older version may not be padded to ``_RECORD``."""
         if self._fd is None:  # pragma: no cover - Windows
-            return None
+            return -1
         try:
-            return os.pread(self._fd, _RECORD + 1, 0)
+            return len(os.pread(self._fd, _RECORD + 1, 0))
         except OSError:
-            return None
+            return -1
 
     def _acquire_os(
         self, timeout: float | None, start: float, operation: str, state_path: Path
@@ -359,7 +344,7 @@ class ProcessLock:
                 import fcntl
 
                 fd = self._fd
-                self._leave_mark(fd)
+                self._blank_record(fd)
                 try:  # noqa: SIM105 - no contextlib frames in the cleanup path
                     # Explicit: a forked child may share the descriptor, so closing
                     # alone would not release the flock.
@@ -377,17 +362,14 @@ class ProcessLock:
         if _owns(self._threads):
             self._threads.release()
 
-    def _leave_mark(self, fd: int) -> None:
-        """Replace the holder record with this hold's release mark (still locked)."""
-        mark = _pad(f"released {os.getpid()} {self._nonce} {self.holds}".encode())
+    def _blank_record(self, fd: int) -> None:
+        """Blank the holder record (still locked): a free lock names no holder."""
         try:
-            os.pwrite(fd, mark, 0)
-            if self._length != len(mark):
-                os.ftruncate(fd, len(mark))
-        except OSError:  # a read-only lock file keeps no record, and proves nothing
-            self._mark = None
-            return
-        self._mark = mark
+            os.pwrite(fd, _BLANK, 0)
+            if self._length != len(_BLANK):
+                os.ftruncate(fd, len(_BLANK))
+        except OSError:
+            pass  # a read-only lock file keeps no record
 
     def held_by_current_thread(self) -> bool:
         """True when this thread of this process holds the lock."""
@@ -447,9 +429,6 @@ class ProcessLock:
         self._threads = threading.RLock()
         self._held_by = None
         self._pending = None  # its thread does not exist in the child
-        self._nonce = os.urandom(8).hex()
-        self._mark = None  # the parent's mark proves nothing about the child
-        self.undisturbed = False
 
 
 _registry: dict[str, ProcessLock] = {}

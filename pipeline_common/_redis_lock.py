@@ -210,8 +210,8 @@ class CrossHostLock:
     """The state's lock in Redis mode: this host's flock, then the Redis lock.
 
     Duck-typed like :class:`~pipeline_common._lock.ProcessLock` (``acquire``,
-    ``release``, ``held_by_current_thread``, ``holds``, ``folder_changes``,
-    ``undisturbed``), so the transaction machinery above needs no change. One per
+    ``release``, ``held_by_current_thread``), so the transaction machinery above needs
+    no change. One per
     ``PipelineState``; its threads are serialized by the local lock (threads, then flock)
     before any of them talks to Redis.
     """
@@ -244,26 +244,6 @@ class CrossHostLock:
         self._held_remote = False  # the Redis lock is ours until release() finishes with it
 
     # -- the ProcessLock interface ---------------------------------------------------
-
-    @property
-    def holds(self) -> int:
-        """How many times this process took the local lock (see ProcessLock)."""
-        return self.local.holds
-
-    @property
-    def folder_changes(self) -> int:
-        """Changes this process made to the backups folder (see ProcessLock)."""
-        return self.local.folder_changes
-
-    @folder_changes.setter
-    def folder_changes(self, value: int) -> None:
-        self.local.folder_changes = value
-
-    @property
-    def undisturbed(self) -> bool:
-        """Always False: another host may have changed the folder, and this host's flock
-        cannot tell. The backups listing is then read again at each commit."""
-        return False
 
     def held_by_current_thread(self) -> bool:
         """True when this thread of this process holds the lock."""
