@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from datetime import date, datetime
 from typing import Any
 
@@ -171,8 +172,8 @@ def _has_nonfinite(value: Any) -> bool:
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(_TRICKY_TEXT, _MAYBE_NONFINITE, max_size=6))
 def test_encode_rejects_nonfinite_floats_exactly_when_present(value: dict[str, Any]) -> None:
-    """The NaN screen (which only looks into members whose bytes hold a null) refuses
-    every document with a NaN or Infinity anywhere, and nothing else."""
+    """The NaN screen (which reads the floats' bits in marshal's bytes of the value)
+    refuses every document with a NaN or Infinity anywhere, and nothing else."""
     if _has_nonfinite(value):
         with pytest.raises(_json.EncodeError):
             _json.encode_full(value)
@@ -202,9 +203,9 @@ def test_encode_names_where_the_nonfinite_float_is(value: dict[str, Any], where:
 
 
 @pytest.mark.parametrize("bad", [math.nan, None])
-def test_nonfinite_screen_goes_deeper_than_its_narrowing_limit(bad: float | None) -> None:
-    """Past the depth where the screen stops narrowing, NaN is still found (and a
-    None at that depth is still accepted)."""
+def test_nonfinite_screen_finds_a_nan_40_levels_deep(bad: float | None) -> None:
+    """A NaN 40 levels deep, beside nulls at every level, is still found (and a None
+    at that depth is still accepted)."""
     root: dict[str, Any] = {}
     node = root
     for i in range(40):
@@ -313,8 +314,102 @@ def test_an_enum_member_holding_nan_is_rejected() -> None:
 
     with pytest.raises(_json.EncodeError, match="Level at /level"):
         _json.encode({"level": Level.BAD, "t": None})
-    big = {f"k{i}": {"v": i, "n": None} for i in range(2000)}  # past the small-document path
+    big = {f"k{i}": {"v": i, "n": None} for i in range(2000)}  # a large document too
     with pytest.raises(_json.EncodeError):
         _json.encode({**big, "p": {"level": Level.BAD, "t": None}})
     with pytest.raises(_json.EncodeError, match="Level at /level"):
         _json.encode({"level": Level.OK, "t": None})
+
+
+def _float_of_bits(bits: int) -> float:
+    return float(struct.unpack("<d", bits.to_bytes(8, "little"))[0])
+
+
+_NONFINITE_BITS = [
+    0x7FF8000000000000,  # float("nan")
+    0xFFF8000000000000,  # -nan, as C's 0.0 / 0.0 gives
+    0x7FF0000000000001,  # a signalling NaN
+    0x7FFFFFFFFFFFFFFF,  # NaN with every payload bit set
+    0x7FF0000000000000,  # Infinity
+    0xFFF0000000000000,  # -Infinity
+]
+_FINITE_BITS = [
+    0x7FEFFFFFFFFFFFFF,  # the largest float: its last bytes are 0xEF 0x7F
+    0xFFEFFFFFFFFFFFFF,  # and the most negative: 0xEF 0xFF
+    0x3FFFFFFFFFFFFFFF,  # 0xFF bytes all through the mantissa
+    0x0000000000000001,  # the smallest subnormal
+    0x800000000000007F,  # -0.0's neighbour, ending in 0x7F
+]
+
+
+@pytest.mark.parametrize("bits", _NONFINITE_BITS, ids=hex)
+@pytest.mark.parametrize("size", [1, 5000])
+def test_every_nonfinite_bit_pattern_is_refused(bits: int, size: int) -> None:
+    """Any NaN payload or sign, and both infinities, in a small and a large document,
+    beside nulls and negative integers (whose bytes hold 0xFF too)."""
+    doc: dict[str, Any] = {f"k{i}": {"v": -i, "n": None} for i in range(size)}
+    doc["x"] = {"list": [1.5, None, _float_of_bits(bits)]}
+    with pytest.raises(_json.EncodeError, match="at /x/list/2 is not valid JSON"):
+        _json.encode_full(doc)
+
+
+@pytest.mark.parametrize("bits", _FINITE_BITS, ids=hex)
+def test_finite_floats_with_the_same_high_bytes_are_kept(bits: int) -> None:
+    """Finite floats whose bytes hold 0x7F or 0xFF are written, and read back exactly."""
+    value = _float_of_bits(bits)
+    doc = {"x": value, "xs": [value, -value, None]}
+    assert json.loads(_json.encode_full(doc).data) == doc
+
+
+def test_a_document_of_negative_integers_still_has_its_nan_found() -> None:
+    """Negative integers fill marshal's bytes with 0xFF: past the screen's budget it
+    falls back to reading the document, and still finds the NaN (and passes without)."""
+    doc: dict[str, Any] = {"ints": [-1] * 50_000, "n": None}
+    assert json.loads(_json.encode_full(doc).data) == doc
+    doc["x"] = math.nan
+    with pytest.raises(_json.EncodeError, match="at /x is not valid JSON"):
+        _json.encode_full(doc)
+
+
+def test_one_nan_object_in_two_places_is_refused() -> None:
+    """marshal writes a shared object once and refers back to it after: found anyway."""
+    nan = float("nan")
+    with pytest.raises(_json.EncodeError):
+        _json.encode_full({"a": [nan, nan], "b": {"c": nan}})
+
+
+def test_a_nan_beside_an_accepted_subclass_is_refused() -> None:
+    """An IntEnum member (accepted, stored as its int) makes marshal refuse the value;
+    the NaN is found by the walk instead."""
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    assert _json.encode_full({"level": Level.HIGH, "n": None}).data == (
+        b'{\n  "level": 3,\n  "n": null\n}\n'
+    )
+    with pytest.raises(_json.EncodeError, match="at /x is not valid JSON"):
+        _json.encode_full({"level": Level.HIGH, "x": -math.inf})
+
+
+_ANY_FLOAT = st.integers(min_value=0, max_value=2**64 - 1).map(_float_of_bits)
+_ANY_BITS_DOC = st.recursive(
+    st.none() | _ANY_FLOAT | st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=6), children, max_size=5)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _ANY_BITS_DOC, max_size=6))
+def test_any_float_bits_are_refused_exactly_when_nonfinite(value: dict[str, Any]) -> None:
+    """Floats drawn from all 2**64 bit patterns (so NaN payloads of every kind), among
+    integers of every size and text: refused exactly when one is NaN or infinite."""
+    if _has_nonfinite(value):
+        with pytest.raises(_json.EncodeError):
+            _json.encode_full(value)
+    else:
+        _json.encode_full(value)
