@@ -216,7 +216,7 @@ def bench_contention(root: Path, n: int, procs: int = 4) -> dict[str, Any]:
                 # Steady state, as in the single-process benchmark: every commit then
                 # prunes one backup, in both runs (else the short single run would
                 # prune half as often as the long contended one).
-                for i in range(state.max_backups + 2):
+                for _ in range(state.max_backups + 2):
                     with state.transaction() as txn:
                         txn.data["counter"] = 0
             else:
