@@ -12,7 +12,7 @@ import threading
 
 __all__ = ["Digest"]
 
-_THREADED = 1 << 20  # from 1 MiB up, hashing (0.6 ms) outweighs starting a thread
+_THREADED = 1 << 19  # 512 KiB: a 1 MB commit 1-5% faster than inline; a 300 KB one slower
 
 
 class Digest:

@@ -96,7 +96,8 @@ def test_a_copy_temp_left_by_a_crash_is_seen_in_the_listing_and_removed(
 
 
 def _large(n: int = 40_000) -> dict[str, object]:
-    """A state of over 1 MiB, so its hash runs on a helper thread beside the parse."""
+    """A state of over 1 MiB (the threshold is 512 KiB), so its hash runs on a helper
+    thread beside the parse."""
     return {"items": [{"id": i, "name": f"item-{i:08d}"} for i in range(n)], "n": 0}
 
 

@@ -10,9 +10,9 @@ import pytest
 from pipeline_common._digest import Digest
 
 
-@pytest.mark.parametrize("size", [0, 1, 1 << 20, (1 << 20) + 7, 3 << 20])
+@pytest.mark.parametrize("size", [0, 1, (1 << 19) - 1, 1 << 19, (1 << 20) + 7, 3 << 20])
 def test_digest_is_the_sha256_of_the_bytes(size: int) -> None:
-    """Inline (small) or on a helper thread (from 1 MiB), the digest is the same."""
+    """Inline (small) or on a helper thread (from 512 KiB), the digest is the same."""
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     digest = Digest(data)
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
@@ -20,7 +20,7 @@ def test_digest_is_the_sha256_of_the_bytes(size: int) -> None:
 
 
 def test_large_payloads_are_hashed_on_a_helper_thread() -> None:
-    """From 1 MiB, hashing runs on its own thread, which is gone once the digest is read."""
+    """From 512 KiB, hashing runs on its own thread, which is gone once the digest is read."""
     digest = Digest(b"a" * (2 << 20))
     assert digest._thread is not None
     digest.hexdigest()
