@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import resource
 import shutil
 import statistics
@@ -104,11 +105,15 @@ def bench_single(root: Path, rounds: dict[str, int], warmup: int) -> dict[str, A
         ]
         runners += [(peer.name, peer.rmw) for peer in peers]  # type: ignore[misc]
         n = rounds[label]
+        order = random.Random(label)  # the same orders in every run
         started = time.perf_counter()
         for r in range(warmup + n):
             gc.collect()
-            k = r % len(runners)
-            for name, run in runners[k:] + runners[:k]:  # rotate: nobody always goes first
+            # A fresh random order each round. Rotating one fixed order kept the same
+            # neighbours: each store always ran right after the same one, and on this
+            # disk a store's time depends on what the one before left (a store that
+            # does not fsync leaves its pages for the next fsync to write).
+            for name, run in order.sample(runners, len(runners)):
                 t0 = time.perf_counter()
                 step_times = run(r)
                 dt = time.perf_counter() - t0
