@@ -753,7 +753,7 @@ def main() -> int:
         )
         rows, passed, missed = goals(single, reads, cont, progress, mem)
         report.add(
-            f"## Goals (issue #3): {passed} pass, {missed} miss\n\n"
+            f"## Goals (issues #3 and #16): {passed} pass, {missed} miss\n\n"
             + table(["goal", "measured", "target", "result", "detail"], rows)
         )
         report.add(f"_total benchmark time: {time.perf_counter() - started:.0f} s_")
