@@ -211,9 +211,8 @@ class CrossHostLock:
 
     Duck-typed like :class:`~pipeline_common._lock.ProcessLock` (``acquire``,
     ``release``, ``held_by_current_thread``), so the transaction machinery above needs
-    no change. One per
-    ``PipelineState``; its threads are serialized by the local lock (threads, then flock)
-    before any of them talks to Redis.
+    no change. One per ``PipelineState``; its threads are serialized by the local lock
+    (threads, then flock) before any of them talks to Redis.
     """
 
     def __init__(

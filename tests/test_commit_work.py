@@ -174,3 +174,21 @@ def test_a_large_state_with_long_integers_reads_them_exactly(tmp_path: Path) -> 
         assert type(txn.data["big"]) is int
         txn.data["n"] = 3
     assert state.read()["big"] == big
+
+
+def test_a_large_state_migrated_on_entry_is_seen_migrated(tmp_path: Path) -> None:
+    """The parse made beside the hash is of the file before the migration commit; the
+    transaction must see the migrated document, not that parse."""
+    path = tmp_path / "mig.json"
+    PipelineState(path).write(_large())
+
+    def add_version(data: dict[str, object]) -> None:
+        data["migrated"] = True
+
+    state = PipelineState(path, schema_version=2, migrations={1: add_version})
+    with state.transaction() as txn:
+        assert txn.data.get("migrated") is True
+        txn.data["n"] = 4
+    assert state.read()["migrated"] is True
+    operations = [r["operation"] for r in state.get_transaction_history(2)]
+    assert operations == ["transaction", "migrate"]
